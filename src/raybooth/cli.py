@@ -1,0 +1,191 @@
+"""`raybooth …` — the command line.
+
+Each command is a small function here that parses arguments and calls into the package; the work
+lives in `platform`, `jobs`, `tune` and `serve_apps`. Errors a user can cause (`UserError`) end
+with a one-paragraph message and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from raybooth.platform.errors import UserError
+
+# Commands that live with their part: name -> "module:function" taking (subparsers) and
+# registering a parser whose `func` runs it. Imported lazily so `raybooth generate` does not pay
+# for Ray Train or Serve imports.
+PART_COMMANDS: dict[str, str] = {
+}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="tiny | tiny-inpainting | DIR | org/name | models:/NAME@ALIAS")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--variant", help="Hub weights variant, e.g. fp16")
+    p.add_argument("--cache-dir", help="Hugging Face cache directory")
+    p.add_argument("--offline", action="store_true", help="never touch the network (also HF_HUB_OFFLINE=1)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.ckpt pickle weights (runs code from the file)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+
+
+def _add_generation_args(p: argparse.ArgumentParser, default_steps: int) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=default_steps)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--seed", type=int, default=None, help="image k uses seed+k; random when absent")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--lora", default=None, help="a LoRA adapter folder from `raybooth train` (mode lora)")
+    p.add_argument("--out", required=True, help="output folder for PNGs and JSON sidecars")
+
+
+def _runner(args: argparse.Namespace):
+    from raybooth.platform.config import ModelOptions
+    from raybooth.platform.pipelines import DiffusionRunner
+
+    options = ModelOptions(
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        local_files_only=True if args.offline else None,
+        allow_pickle=args.allow_pickle,
+    )
+    runner = DiffusionRunner(args.model, options=options, device=args.device, dtype=args.dtype)
+    lora = runner.load_lora(args.lora, name="cli") if args.lora else None
+    if lora is None and runner.adapters:
+        lora = next(iter(runner.adapters))
+    return runner, lora
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    if args.num_images < 1:
+        raise UserError("--num-images must be at least 1", field="num_images")
+    base = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    return [base + k for k in range(args.num_images)]
+
+
+def _write(out: Path, command: str, images, seeds, record: dict) -> list[Path]:
+    from raybooth import __version__
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k, (img, seed) in enumerate(zip(images, seeds)):
+        path = out / f"{command}-{stamp}-{k:03d}-{seed}.png"
+        img.save(path)
+        sidecar = {"command": command, "file": path.name, "seed": seed, "index": k,
+                   "raybooth_version": __version__, **record}
+        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=str))
+        written.append(path)
+    return written
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from raybooth.platform.pipelines import GenerationParams
+
+    params = GenerationParams(steps=args.steps, guidance_scale=args.guidance_scale,
+                              scheduler=args.scheduler, height=args.height, width=args.width)
+    params.check()
+    seeds = _seeds(args)
+    runner, lora = _runner(args)
+    params.lora = lora
+    t0 = time.perf_counter()
+    prompts = [args.prompt] * len(seeds)
+    negatives = [args.negative_prompt] * len(seeds) if args.negative_prompt else None
+    images = runner.text_to_image(prompts, seeds, params, negatives)
+    infer = time.perf_counter() - t0
+    record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
+              "lora_path": args.lora, **asdict(params), **runner.describe(),
+              "timings": {"load_s": round(runner.load_s, 3), "inference_s": round(infer, 3),
+                          "per_image_s": round(infer / len(images), 3)}}
+    for path in _write(Path(args.out), "generate", images, seeds, record):
+        print(path)
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from raybooth.platform.images import check_same_size, open_image, open_mask
+    from raybooth.platform.pipelines import InpaintParams
+
+    params = InpaintParams(steps=args.steps, guidance_scale=args.guidance_scale,
+                           scheduler=args.scheduler, height=args.height, width=args.width,
+                           strength=args.strength, mask_blur=args.mask_blur,
+                           crop_margin=args.crop_margin)
+    params.check()
+    image = open_image(args.image, name=str(args.image))
+    mask = open_mask(args.mask, name=str(args.mask))
+    check_same_size(image, mask, str(args.image), str(args.mask))
+    seeds = _seeds(args)
+    runner, lora = _runner(args)
+    params.lora = lora
+    t0 = time.perf_counter()
+    n = len(seeds)
+    negatives = [args.negative_prompt] * n if args.negative_prompt else None
+    images = runner.inpaint([image] * n, [mask] * n, [args.prompt] * n, seeds, params, negatives)
+    infer = time.perf_counter() - t0
+    record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
+              "image": str(args.image), "mask": str(args.mask), "lora_path": args.lora,
+              **asdict(params), **runner.describe(),
+              "timings": {"load_s": round(runner.load_s, 3), "inference_s": round(infer, 3),
+                          "per_image_s": round(infer / n, 3)}}
+    for path in _write(Path(args.out), "inpaint", images, seeds, record):
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raybooth", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text-to-image with any model reference")
+    _add_model_args(gen)
+    _add_generation_args(gen, default_steps=20)
+    gen.set_defaults(func=cmd_generate)
+
+    inp = sub.add_parser("inpaint", help="repaint the white area of a mask; the rest is kept exactly")
+    _add_model_args(inp)
+    _add_generation_args(inp, default_steps=20)
+    inp.add_argument("--image", required=True)
+    inp.add_argument("--mask", required=True, help="white = repaint, black = keep")
+    inp.add_argument("--strength", type=float, default=1.0)
+    inp.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian blur radius (px) of the mask edge")
+    inp.add_argument("--crop-margin", type=int, default=None,
+                     help="crop to the mask plus this margin (px), repaint at full resolution, paste back")
+    inp.set_defaults(func=cmd_inpaint)
+
+    for name, target in PART_COMMANDS.items():
+        module, func = target.split(":")
+        register: Callable = getattr(importlib.import_module(module), func)
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        print(f"raybooth {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raybooth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""See DESIGN.md: this part depends only on raybooth.platform."""
