@@ -209,11 +209,12 @@ def _field_at(schema: type[BaseModel], path: list[str], source: str) -> Any:
 
 def _typed_value(info: Any, raw: str) -> Any:
     """Parse an override value as YAML unless the field is a plain string (keeps 'yes', '1e-5')."""
-    members = [m for m in _unwrap(info.annotation) if m is not type(None)] if info else []
+    all_members = _unwrap(info.annotation) if info else []
+    if raw.lower() in {"null", "none", "~"} and (not info or type(None) in all_members):
+        return None
+    members = [m for m in all_members if m is not type(None)]
     if members and all(m is str for m in members):
         return raw
-    if raw.lower() in {"null", "none", "~"}:
-        return None
     return yaml.safe_load(raw)
 
 

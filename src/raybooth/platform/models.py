@@ -125,10 +125,10 @@ def _resolve_hub(ref: str, options: ModelOptions) -> ResolvedModel:
             variant=options.variant,
             cache_dir=options.cache_dir,
             local_files_only=offline,
-            use_safetensors=not options.allow_pickle,
+            use_safetensors=None if options.allow_pickle else True,
         )
     except Exception as exc:  # hub errors come in many classes; all mean "cannot resolve"
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(". ")
         if "safetensors" in text.lower():
             raise ModelError(f"model {ref!r}: {text}. {ALLOW_PICKLE_HINT}", field="model") from None
         where = f" in cache {options.cache_dir}" if options.cache_dir else ""
@@ -181,7 +181,7 @@ def load_components(resolved: ResolvedModel, dtype=None) -> dict[str, Any]:
         kwargs["variant"] = resolved.variant
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            resolved.path, use_safetensors=not resolved.allow_pickle, **kwargs
+            resolved.path, use_safetensors=None if resolved.allow_pickle else True, **kwargs
         )
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"could not load model {resolved.ref!r} from {resolved.path}: {exc}") from None
