@@ -22,6 +22,8 @@ from raybooth.platform.errors import UserError
 # registering a parser whose `func` runs it. Imported lazily so `raybooth generate` does not pay
 # for Ray Train or Serve imports.
 PART_COMMANDS: dict[str, str] = {
+    "models": "raybooth.platform.mlflow_commands:register_models",
+    "mlflow-ui": "raybooth.platform.mlflow_commands:register_ui",
 }
 
 
