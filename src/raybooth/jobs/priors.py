@@ -1,0 +1,280 @@
+"""Class images for DreamBooth's prior-preservation loss, made by a pool of Ray actors.
+
+    from raybooth.jobs.priors import ensure_class_images
+    class_set = ensure_class_images(config)   # fills <priors.class_data_dir>/<identity>/
+
+The set is content-addressed (see priors_spec): image i is made from a seed derived from
+(priors.seed, i), so it is the same whoever makes it and whenever. A rerun verifies what is
+there against the manifest's checksums and generates only what is missing or corrupt; asking for
+more images adds only the new indices. Actors return PNG bytes and the driver writes them, so the
+set can live anywhere the training job can read (see priors_store).
+
+`raybooth priors --config FILE [--set k=v ...]` runs it from the command line; `raybooth train`
+runs it before training when `priors.enabled` is true.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from raybooth.jobs.priors_spec import PriorSpec, actor_model_options, build_spec, resolve_inputs, seed_for
+from raybooth.jobs.priors_store import (
+    MANIFEST,
+    Manifest,
+    SetStore,
+    image_name,
+    load_manifest,
+    open_store,
+    sha256,
+    verify,
+)
+from raybooth.platform.config import TrainConfig
+
+log = logging.getLogger("raybooth.priors")
+
+
+@dataclass
+class ClassImageSet:
+    """A filled class-image set.
+
+    For a set on this machine's filesystem (a path or `file://`), `directory` and `images` are
+    local paths. For a remote store (`s3://…`) they are paths inside that store; use `uri` and
+    `image_uris` to read them.
+    """
+
+    directory: Path
+    identity: str
+    images: list[Path]  # sorted by index, exactly priors.num_class_images
+    generated: int  # made in this call
+    manifest: dict[str, Any]
+    uri: str = ""
+    image_uris: list[str] = field(default_factory=list)
+    reused: int = 0  # verified by checksum and kept
+    corrupt: int = 0  # failed their checksum and were made again
+    num_actors: int = 0  # started in this call (0: nothing to make)
+    actor_replacements: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.generated and self.seconds else 0.0
+
+
+@dataclass
+class BatchWritten:
+    """Passed to `on_batch_written` after each block is on disk (progress hooks, fault tests)."""
+
+    indices: list[int]  # written just now
+    done: int  # verified or written so far, of `total`
+    total: int
+    pool: Any  # the PriorPool: its `busy_actors()` are the ones holding work
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (a cluster, a RayJob) is honoured by ray.init(); otherwise a local instance.
+        ray.init()
+
+
+def _visible_gpus() -> float:
+    """GPUs the actors could use. Without Ray running yet, a local instance would see exactly
+    the GPUs torch sees here, so a rerun with nothing to make never has to start Ray."""
+    import ray
+
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        _ensure_ray()
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+@dataclass
+class _State:
+    spec: PriorSpec
+    store: SetStore
+    manifest: Manifest
+    good: list[int]
+    missing: list[int]
+    corrupt: list[int]
+
+
+def _inspect(config: TrainConfig, resolved: Any, gpus: float) -> _State:
+    use_gpu = gpus > 0 and config.priors.gpus_per_actor > 0
+    spec = build_spec(config, resolved, use_gpu=use_gpu)
+    store = open_store(config.priors.class_data_dir, spec.identity)
+    manifest, dropped = load_manifest(store, spec.identity, spec.identity_inputs())
+    if dropped:
+        log.warning("%s/%s ignored (%s): every image will be verified anew", store.location, MANIFEST, dropped)
+    good, missing, corrupt = verify(store, manifest, range(config.priors.num_class_images))
+    if corrupt:
+        log.warning(
+            "%d class image(s) in %s failed their checksum (truncated or changed): making them again: %s",
+            len(corrupt), store.location, corrupt[:10],
+        )
+    return _State(spec, store, manifest, good, missing, corrupt)
+
+
+def ensure_class_images(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    on_batch_written: Callable[[BatchWritten], None] | None = None,
+) -> ClassImageSet:
+    """Fill `<priors.class_data_dir>/<identity>/` up to `priors.num_class_images` images.
+
+    Reuses every image whose checksum matches; generates the rest with a pool of Ray actors
+    (starting a local Ray when none is running). Raises a UserError before Ray or any actor starts
+    when the class prompt is empty or the model reference cannot be resolved.
+    """
+    t0 = time.perf_counter()
+    priors = config.priors
+    resolved = resolve_inputs(config)
+    gpus = _visible_gpus()
+    state = _inspect(config, resolved, gpus)
+    todo = sorted(state.missing + state.corrupt)
+    pool = None
+    if todo:
+        _ensure_ray()
+        gpus = _visible_gpus()
+        if (gpus > 0) != (state.spec.device == "cuda"):
+            # The cluster has other devices than this machine: another device, another set.
+            state = _inspect(config, resolved, gpus)
+            todo = sorted(state.missing + state.corrupt)
+    if todo:
+        pool = _generate(config, state, todo, gpus, progress, on_batch_written)
+    elif state.store.read(MANIFEST) is None:
+        state.manifest.save(state.store)
+
+    wanted = range(priors.num_class_images)
+    store = state.store
+    local = store.local_path()
+    directory = local if local is not None else Path(store.location)
+    return ClassImageSet(
+        directory=directory,
+        identity=state.spec.identity,
+        images=[(local / image_name(i)) if local is not None else Path(store.uri(image_name(i))) for i in wanted],
+        generated=len(todo),
+        manifest=state.manifest.to_json(),
+        uri=store.uri(),
+        image_uris=[store.uri(image_name(i)) for i in wanted],
+        reused=len(state.good),
+        corrupt=len(state.corrupt),
+        num_actors=pool.plan.num_actors if pool else 0,
+        actor_replacements=pool.replacements if pool else 0,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _generate(
+    config: TrainConfig,
+    state: _State,
+    todo: list[int],
+    gpus: float,
+    progress: bool,
+    on_batch_written: Callable[[BatchWritten], None] | None,
+):
+    import ray
+    from tqdm.auto import tqdm
+
+    from raybooth.jobs.priors_actor import plan_actors
+    from raybooth.jobs.priors_pool import PriorPool
+
+    priors = config.priors
+    spec, store, manifest = state.spec, state.store, state.manifest
+    work: dict[int, list[int]] = {}
+    for index in todo:
+        work.setdefault(spec.block_of(index), []).append(index)
+    plan = plan_actors(
+        priors.num_actors,
+        blocks=len(work),
+        cpus_per_actor=priors.cpus_per_actor,
+        gpus_per_actor=priors.gpus_per_actor,
+        total_gpus=gpus,
+        available_cpus=float(ray.available_resources().get("CPU", 0.0)),
+    )
+    total = priors.num_class_images
+    log.info(
+        "class images %s: %d to make (%d reused), %s", store.location, len(todo), len(state.good), plan.describe()
+    )
+    remaining = set(todo)
+    bar = tqdm(total=total, initial=len(state.good), unit="img", desc="class images", disable=not progress)
+    started = time.perf_counter()
+    pool = PriorPool(spec, actor_model_options(config, spec), plan)
+    try:
+
+        def on_result(results: list[tuple[int, bytes]]) -> None:
+            written = []
+            for index, png in results:
+                if index not in remaining:
+                    continue  # already written (a late result from a replaced actor): never twice
+                name = image_name(index)
+                store.write(name, png)
+                manifest.images[index] = {
+                    "file": name,
+                    "sha256": sha256(png),
+                    "seed": seed_for(spec.seed, index),
+                    "bytes": len(png),
+                }
+                remaining.discard(index)
+                written.append(index)
+            # The manifest follows the images: it only ever vouches for files already in place.
+            manifest.save(store)
+            bar.update(len(written))
+            made = len(todo) - len(remaining)
+            bar.set_postfix(made_per_s=f"{made / max(time.perf_counter() - started, 1e-9):.2f}")
+            if on_batch_written is not None:
+                on_batch_written(BatchWritten(written, total - len(remaining), total, pool))
+
+        pool.run(work, on_result)
+    finally:
+        pool.shutdown()
+        bar.close()
+    if remaining:  # pool.run returns only when every block came back; this guards the invariant
+        raise RuntimeError(f"class images {sorted(remaining)} were not generated")
+    return pool
+
+
+# ---------------------------------------------------------------------------------------------
+# `raybooth priors`
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "priors",
+        help="generate (or reuse) the class images for DreamBooth's prior preservation",
+        description="Fill <priors.class_data_dir>/<identity>/ with priors.num_class_images images "
+        "of subject.class_prompt, using a pool of Ray actors; reuses every image already there.",
+    )
+    p.add_argument("--config", default=None, help="a training config (configs/train/*.yaml); defaults if absent")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set priors.num_class_images=200")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_priors)
+
+
+def cmd_priors(args: argparse.Namespace) -> int:
+    from raybooth.platform.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_config(args.config, args.overrides)
+    if not config.priors.enabled:
+        print("note: priors.enabled is false, so `raybooth train` will not use these images")
+    result = ensure_class_images(config, progress=not args.no_progress)
+    rate = f", {result.images_per_second:.2f} images/s" if result.generated else ""
+    print(
+        f"class images: {result.uri}\n"
+        f"  identity {result.identity}: {len(result.images)} images — {result.generated} generated "
+        f"({result.corrupt} were corrupt), {result.reused} reused; {result.num_actors} actor(s)"
+        f"{rate}, {result.seconds:.1f} s"
+    )
+    return 0

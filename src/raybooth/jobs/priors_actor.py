@@ -1,0 +1,106 @@
+"""The class-image actor (one loaded pipeline, many batches) and how many of them to start."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from raybooth.jobs.priors_spec import PriorSpec, seed_for
+from raybooth.platform.config import ModelOptions
+from raybooth.platform.errors import ModelError
+
+
+def encode_png(image: Any) -> bytes:
+    # PIL writes no timestamp into PNGs: equal pixels give equal bytes, which the checksums need.
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ClassImageActor:
+    """Loads the base pipeline once, then turns index blocks into PNG bytes.
+
+    Used as a Ray actor (`ray.remote(ClassImageActor)`); plain Python otherwise, so the benchmark
+    and the plain loop run exactly the same code.
+    """
+
+    def __init__(self, spec: PriorSpec, options: ModelOptions, cpu_threads: int | None = None):
+        import torch
+
+        from raybooth.platform.pipelines import DiffusionRunner
+
+        if cpu_threads:
+            # Use the CPUs this actor reserved, no more: two actors on two cores should not fight
+            # over four threads.
+            torch.set_num_threads(cpu_threads)
+        self.spec = spec
+        self.runner = DiffusionRunner(spec.model_ref, options=options, device=spec.device, dtype=spec.dtype)
+        got = self.runner.resolved.revision
+        if spec.model_kind in {"hub", "tiny"} and got != spec.model_revision:
+            # Another revision would give other pixels under the same identity.
+            raise ModelError(
+                f"model {spec.model_ref!r} resolved to revision {got!r} on this node but to "
+                f"{spec.model_revision!r} on the driver",
+                field="model",
+            )
+        self.params = spec.params()
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), **self.runner.describe(), "load_s": self.runner.load_s}
+
+    def generate(self, block: int, keep: list[int]) -> list[tuple[int, bytes]]:
+        """Generate the whole aligned block (so every image is made in the same batch layout
+        every time) and return the PNG bytes of the indices in `keep`."""
+        indices = self.spec.block_indices(block)
+        seeds = [seed_for(self.spec.seed, i) for i in indices]
+        prompts = [self.spec.prompt] * len(indices)
+        negatives = [self.spec.negative_prompt] * len(indices) if self.spec.negative_prompt else None
+        images = self.runner.text_to_image(prompts, seeds, self.params, negatives)
+        wanted = set(keep)
+        return [(i, encode_png(img)) for i, img in zip(indices, images) if i in wanted]
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+    use_gpu: bool
+
+    def describe(self) -> str:
+        per = f"{self.num_gpus:g} GPU" if self.use_gpu else f"{self.num_cpus:g} CPU"
+        return f"{self.num_actors} actor(s), {per} each"
+
+
+def cluster_gpus(resources: dict[str, float]) -> float:
+    return float(resources.get("GPU", 0.0))
+
+
+def plan_actors(
+    num_actors: int | str,
+    *,
+    blocks: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    total_gpus: float,
+    available_cpus: float,
+) -> ActorPlan:
+    """How many actors, with what resources.
+
+    `auto`: one per GPU when the cluster has GPUs (`gpus_per_actor` < 1 packs several small models
+    onto one GPU), else as many as the free CPUs hold at `cpus_per_actor` each. Never more actors
+    than blocks of work: an actor costs a model load.
+    """
+    use_gpu = total_gpus > 0 and gpus_per_actor > 0
+    if num_actors == "auto":
+        if use_gpu:
+            n = math.floor(total_gpus / gpus_per_actor + 1e-9)
+        else:
+            n = math.floor(available_cpus / cpus_per_actor + 1e-9)
+    else:
+        n = int(num_actors)
+    n = max(1, min(n, blocks))
+    return ActorPlan(num_actors=n, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor if use_gpu else 0.0, use_gpu=use_gpu)
