@@ -24,6 +24,7 @@ from raybooth.platform.errors import UserError
 PART_COMMANDS: dict[str, str] = {
     "models": "raybooth.platform.mlflow_commands:register_models",
     "mlflow-ui": "raybooth.platform.mlflow_commands:register_ui",
+    "priors": "raybooth.jobs.priors:register",
 }
 
 
