@@ -25,6 +25,7 @@ PART_COMMANDS: dict[str, str] = {
     "models": "raybooth.platform.mlflow_commands:register_models",
     "mlflow-ui": "raybooth.platform.mlflow_commands:register_ui",
     "priors": "raybooth.jobs.priors:register",
+    "train": "raybooth.jobs.train:register",
 }
 
 

@@ -40,8 +40,8 @@ class ModelOptions(Section):
 class SubjectConfig(Section):
     instance_data_dir: str = "examples/demo-subject"
     identifier: str = "sks"
-    instance_prompt: str = "a photo of sks toy"
-    class_prompt: str = "a photo of a toy"
+    instance_prompt: str = "a photo of sks robot toy"
+    class_prompt: str = "a photo of a robot toy"
 
     @model_validator(mode="after")
     def _identifier_in_prompt(self) -> "SubjectConfig":
@@ -106,8 +106,11 @@ class TrainSection(Section):
     checkpoint_every: int = Field(default=10, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     validation_every: int = Field(default=0, ge=0, description="0: only at the end")
-    validation_prompts: list[str] = Field(default_factory=lambda: ["a photo of sks toy on a beach"])
+    validation_prompts: list[str] = Field(default_factory=lambda: ["a photo of sks robot toy on a beach"])
     validation_steps: int = Field(default=4, ge=1)
+    log_every: int = Field(
+        default=10, ge=1, description="steps between metric flushes (losses stay on the device in between)"
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -121,6 +124,9 @@ class ScalingSection(Section):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="SPREAD puts workers on different nodes where it can"
+    )
 
 
 class RunSection(Section):

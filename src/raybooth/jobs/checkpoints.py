@@ -1,0 +1,207 @@
+"""Training checkpoints: everything needed to continue a run exactly.
+
+One checkpoint is one directory `checkpoint-<step>` in the run directory, assembled by Ray Train
+from what every worker reports at the same step:
+
+    unet.safetensors, text_encoder.safetensors   trainable weights (all of them, or the LoRA adapters)
+    optimizer.pt, lr_scheduler.pt, grad_scaler.pt  their state dicts (tensors and numbers only)
+    rng-rank<r>.pt                              each worker's torch / CUDA / numpy / Python RNG states
+    state.json                                  step, micro-step (the data position), world size,
+                                                the files above; written last
+
+Each worker writes into its own fresh local folder and renames every file into place, and Ray
+Train copies the folders to storage and registers the checkpoint only once every worker's upload
+has finished, so a checkpoint that a run can see is complete. `is_complete` checks that again
+(state.json and every rank's RNG file present) before anything is resumed from a folder, and
+`find_checkpoints` skips incomplete ones. Ray's `CheckpointConfig(num_to_keep)` deletes the old.
+
+The data order is a function of (seed, step) (raybooth.jobs.train_data), so the data position is
+just the micro-step number; the RNG states cover anything else that draws random numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from raybooth.platform.errors import ConfigError
+
+STATE_FILE = "state.json"
+FORMAT = 1
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def _replace_into(path: Path, write) -> None:
+    """Write via a temporary name and rename: a reader sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_checkpoint(directory: Path, *, rank: int, world_size: int, step: int, micro_step: int,
+                     weights: dict[str, dict[str, torch.Tensor]] | None = None,
+                     optimizer: dict | None = None, lr_scheduler: dict | None = None,
+                     grad_scaler: dict | None = None, meta: dict[str, Any] | None = None) -> None:
+    """Write this worker's part of the checkpoint for `step` into `directory`.
+
+    Every rank writes its RNG states; rank 0 also writes the weights, the optimizer, scheduler and
+    scaler states, and state.json (last). With DDP every rank holds the same weights and optimizer
+    state, so one copy is enough.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    _replace_into(directory / f"rng-rank{rank}.pt", lambda p: torch.save(capture_rng(), p))
+    if rank != 0:
+        return
+    files = []
+    for name, tensors in (weights or {}).items():
+        _replace_into(directory / f"{name}.safetensors", lambda p, t=tensors: save_file(t, str(p)))
+        files.append(f"{name}.safetensors")
+    for name, state in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler), ("grad_scaler", grad_scaler)):
+        if state is not None:
+            _replace_into(directory / f"{name}.pt", lambda p, s=state: torch.save(s, p))
+            files.append(f"{name}.pt")
+    record = {
+        "format": FORMAT,
+        "step": step,
+        "micro_step": micro_step,
+        "world_size": world_size,
+        "weights": sorted(weights or {}),
+        "files": files,
+        **(meta or {}),
+    }
+    _replace_into(directory / STATE_FILE, lambda p: p.write_text(json.dumps(record, indent=2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class TrainingState:
+    """A checkpoint read back for one worker: everything `write_checkpoint` wrote, in memory."""
+
+    directory: Path
+    step: int
+    micro_step: int
+    world_size: int
+    record: dict[str, Any]
+    weights: dict[str, dict[str, torch.Tensor]]
+    optimizer: dict | None
+    lr_scheduler: dict | None
+    grad_scaler: dict | None
+    rng: dict[str, Any] | None  # this rank's; None if the checkpoint had fewer workers
+
+
+def _torch_load(path: Path) -> Any:
+    # weights_only: a checkpoint folder on shared storage must not be able to run code.
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def load_checkpoint(directory: str | Path, rank: int = 0) -> TrainingState:
+    """Read a complete checkpoint (a ConfigError naming the folder if it is not one)."""
+    directory = Path(directory)
+    if not is_complete(directory):
+        raise ConfigError(
+            f"{directory} is not a complete raybooth training checkpoint (state.json, weights and "
+            "every worker's rng-rank*.pt are needed); pick another checkpoint-* folder or use "
+            "run.resume_from=latest",
+            field="run.resume_from",
+        )
+    record = read_state(directory)
+    return TrainingState(
+        directory=directory,
+        step=int(record["step"]),
+        micro_step=int(record["micro_step"]),
+        world_size=int(record["world_size"]),
+        record=record,
+        weights={name: load_file(str(directory / f"{name}.safetensors")) for name in record["weights"]},
+        optimizer=_torch_load(directory / "optimizer.pt"),
+        lr_scheduler=_torch_load(directory / "lr_scheduler.pt"),
+        grad_scaler=_torch_load(directory / "grad_scaler.pt"),
+        rng=_torch_load(directory / f"rng-rank{rank}.pt"),
+    )
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(directory: str | Path) -> bool:
+    directory = Path(directory)
+    record = read_state(directory)
+    if not record or record.get("format") != FORMAT:
+        return False
+    needed = list(record.get("files", [])) + [f"rng-rank{r}.pt" for r in range(int(record["world_size"]))]
+    return all((directory / name).is_file() for name in needed)
+
+
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        if child.is_dir() and CHECKPOINT_DIR.match(child.name) and is_complete(child):
+            found.append((int(read_state(child)["step"]), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = find_checkpoints(run_dir)
+    return found[-1][1] if found else None

@@ -1,0 +1,96 @@
+"""Export a trained checkpoint as something `raybooth generate`, Serve and MLflow load:
+
+- full mode: a complete diffusers pipeline directory `<run_dir>/model` (the base model's VAE,
+  tokenizer and scheduler with the trained UNet and text encoder), safetensors only;
+- LoRA mode: the adapter `<run_dir>/lora` (`pytorch_lora_weights.safetensors` in the format
+  diffusers' `load_lora_weights` reads, plus `raybooth_lora.json` naming the base model).
+
+Both are written beside the target and renamed into place, so a reader never sees half an export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raybooth.jobs.checkpoints import load_checkpoint
+from raybooth.jobs.train_model import load_trainable_state, quiet_libraries
+from raybooth.platform.config import TrainConfig
+from raybooth.platform.lora import add_lora, save_lora_adapter
+from raybooth.platform.models import ResolvedModel, load_components
+
+MODEL_DIR = "model"
+LORA_DIR = "lora"
+EXPORT_RECORD = "raybooth_export.json"
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(config: TrainConfig, resolved: ResolvedModel, checkpoint_dir: str | Path,
+                      run_dir: str | Path) -> dict[str, Any]:
+    """Write the export of `checkpoint_dir`; returns {"model_path", "lora_path", "step"}."""
+    t = config.train
+    run_dir = Path(run_dir)
+    state = load_checkpoint(checkpoint_dir)
+    quiet_libraries()
+    comps = load_components(resolved, dtype=torch.float32)
+    unet, text_encoder = comps["unet"], comps["text_encoder"]
+    record = {
+        "base_model": config.model,
+        "base_revision": resolved.revision,
+        "mode": t.mode,
+        "step": state.step,
+        "checkpoint": str(Path(checkpoint_dir)),
+        "instance_prompt": config.subject.instance_prompt,
+        "identifier": config.subject.identifier,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an export is for others (Serve, MLflow) to read
+    try:
+        if t.mode == "full":
+            unet.requires_grad_(True)  # load_trainable_state copies what is trainable: all of it
+            load_trainable_state(unet, state.weights["unet"], "unet")
+            if "text_encoder" in state.weights:
+                text_encoder.requires_grad_(True)
+                load_trainable_state(text_encoder, state.weights["text_encoder"], "text_encoder")
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline(
+                **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+            target = run_dir / MODEL_DIR
+            _swap_into_place(tmp, target)
+            return {"model_path": str(target), "lora_path": None, "step": state.step}
+
+        for module in (unet, text_encoder):
+            module.requires_grad_(False)
+        add_lora(unet, text_encoder if t.train_text_encoder else None, rank=t.lora_rank, alpha=t.lora_alpha)
+        load_trainable_state(unet, state.weights["unet"], "unet")
+        if t.train_text_encoder:
+            load_trainable_state(text_encoder, state.weights["text_encoder"], "text_encoder")
+        save_lora_adapter(
+            tmp, unet, text_encoder if t.train_text_encoder else None,
+            metadata={**record, "lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha or t.lora_rank},
+        )
+        target = run_dir / LORA_DIR
+        _swap_into_place(tmp, target)
+        return {"model_path": str(target), "lora_path": str(target), "step": state.step}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,256 @@
+"""`raybooth train`: DreamBooth fine-tuning on Ray Train, from the driver's side.
+
+    from raybooth.jobs.train import run_training
+    summary = run_training(config)      # also written to <run.storage_path>/<run.name>/summary.json
+
+The driver stays short; the work happens in the Ray Train workers (raybooth.jobs.train_loop):
+
+    check inputs (raybooth.jobs.train_inputs)    before any worker or GPU is taken
+    -> class images (raybooth.jobs.priors)         when priors.enabled
+    -> MLflow run (raybooth.platform.tracking)     when tracking.enabled
+    -> TorchTrainer(train_worker, ScalingConfig, RunConfig(storage_path, CheckpointConfig, FailureConfig)).fit()
+    -> export the last checkpoint (raybooth.jobs.export)
+    -> register it in MLflow (raybooth.platform.registry) when tracking.enabled
+    -> summary.json
+
+A worker that dies is restarted by Ray Train from the last checkpoint (`run.max_failures` times);
+a run that stopped continues with `run.resume_from: latest` (or a checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from raybooth.jobs.checkpoints import read_state
+from raybooth.jobs.train_inputs import (
+    TrainInputs,
+    check_inputs,
+    check_placement,
+    check_resume,
+    run_directory,
+)
+from raybooth.jobs.train_metrics import ProgressPrinter, step_metrics
+from raybooth.platform.config import TrainConfig
+from raybooth.platform.errors import UserError
+
+log = logging.getLogger("raybooth.train")
+
+SUMMARY_FILE = "summary.json"
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped after its retries; the run directory keeps its checkpoints."""
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (a cluster, `ray job submit`, a RayJob) is honoured; otherwise a local Ray.
+        ray.init()
+
+
+def _class_images(config: TrainConfig, progress: bool):
+    if not config.priors.enabled:
+        return None
+    from raybooth.jobs.priors import ensure_class_images
+
+    class_set = ensure_class_images(config, progress=progress)
+    missing = [p for p in class_set.images if not Path(p).is_file()]
+    if missing:
+        raise UserError(
+            f"class images at {class_set.uri} are not on a filesystem this machine can read (e.g. "
+            f"{missing[0]}); training reads them from a path every node sees: set "
+            "priors.class_data_dir to a shared folder (NFS) rather than object storage",
+            field="priors.class_data_dir",
+        )
+    return class_set
+
+
+def _tracker(config: TrainConfig, run_dir: Path):
+    if not config.tracking.enabled:
+        return None
+    from raybooth.platform.tracking import RunTracker
+
+    tracker = RunTracker.for_driver(config, run_dir)
+    return tracker if tracker.run_id else None
+
+
+def _unwrap_user_error(exc: BaseException) -> UserError | None:
+    """A UserError raised inside a worker (e.g. 8-bit Adam without bitsandbytes), if that is why."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for failure in failures.values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, UserError):
+                return seen
+            seen = seen.__cause__ or getattr(seen, "cause", None)
+    return None
+
+
+def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], progress: bool):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raybooth.jobs.train_loop import train_worker
+
+    s = config.scaling
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=dict(s.resources_per_worker) or None,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=str(inputs.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+        ),
+    )
+    printer = ProgressPrinter(inputs.run_dir, config.train.max_steps) if progress else contextlib.nullcontext()
+    with printer:
+        return trainer.fit()
+
+
+def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train, export and (with tracking) register; returns the summary written to summary.json."""
+    started = time.perf_counter()
+    inputs = check_inputs(config)
+    resume = check_resume(config, inputs)
+    _ensure_ray()
+    check_placement(config)
+    class_set = _class_images(config, progress)
+    tracker = _tracker(config, inputs.run_dir)
+
+    from raybooth.jobs.export import export_checkpoint
+
+    t = config.train
+    resume_step = int(read_state(resume)["step"]) if resume else 0
+    train_s = 0.0
+    try:
+        if resume is not None and resume_step >= t.max_steps:
+            # Nothing left to train (a finished run resumed as is): export what is there.
+            print(f"training: {resume} is at step {resume_step} >= train.max_steps; exporting it")
+            final_checkpoint = resume
+        else:
+            loop_config = {
+                "config": config.model_dump(mode="json"),
+                "run_dir": str(inputs.run_dir),
+                "instance_images": [str(p) for p in inputs.instance_images],
+                "class_images": [str(p) for p in class_set.images] if class_set else None,
+                "resume_path": str(resume) if resume else None,
+                "mlflow_run_id": tracker.run_id if tracker else None,
+                "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
+            }
+            t0 = time.perf_counter()
+            try:
+                result = _fit(config, inputs, loop_config, progress)
+            except Exception as exc:
+                from ray.train import TrainingFailedError
+
+                if not isinstance(exc, TrainingFailedError):
+                    raise
+                user_error = _unwrap_user_error(exc)
+                if user_error is not None:
+                    raise user_error from None
+                raise TrainingFailed(
+                    f"training failed after {config.run.max_failures} restart(s): {exc}. The "
+                    f"checkpoints in {inputs.run_dir} are kept; continue with --set "
+                    "run.resume_from=latest once the cause is fixed"
+                ) from exc
+            train_s = time.perf_counter() - t0
+            if result.checkpoint is None:
+                raise TrainingFailed(f"training finished without a checkpoint in {inputs.run_dir}")
+            final_checkpoint = Path(result.checkpoint.path)
+
+        exported = export_checkpoint(config, inputs.resolved, final_checkpoint, inputs.run_dir)
+        metrics = step_metrics(inputs.run_dir)
+        last = metrics.get(exported["step"], {})
+        summary: dict[str, Any] = {
+            "run_dir": str(inputs.run_dir),
+            "model_path": exported["model_path"],
+            "lora_path": exported["lora_path"],
+            "mode": t.mode,
+            "base_model": config.model,
+            "base_revision": inputs.resolved.revision,
+            "steps": exported["step"],
+            "final_loss": last.get("loss"),
+            "final_metrics": {k: v for k, v in last.items() if k not in ("step", "time")},
+            "checkpoint": str(final_checkpoint),
+            "resumed_from": str(resume) if resume else None,
+            "num_workers": config.scaling.num_workers,
+            "class_image_set": class_set.identity if class_set else None,
+            "class_images_dir": str(class_set.directory) if class_set else None,
+            "validation_images": sorted(str(p) for p in (inputs.run_dir / "validation").glob("step-*.png")),
+            "mlflow_run_id": tracker.run_id if tracker else None,
+            "registered_model": None,
+            "registered_version": None,
+            "train_seconds": round(train_s, 2),
+            "total_seconds": None,
+        }
+        if tracker is not None and config.tracking.register_as:
+            from raybooth.platform.registry import log_and_register
+
+            tracker.flush()
+            summary.update(log_and_register(config, tracker.run_id, summary))
+        summary["total_seconds"] = round(time.perf_counter() - started, 2)
+        path = inputs.run_dir / SUMMARY_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, path)
+        if tracker is not None:
+            tracker.set_tags({"raybooth.summary": str(path), "raybooth.model_path": summary["model_path"]})
+            tracker.end("FINISHED")
+        return summary
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# `raybooth train`
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="DreamBooth fine-tuning on Ray Train (full or LoRA), with checkpoints and resume",
+        description="Validate the inputs, make the class images (priors.enabled), train on "
+        "scaling.num_workers Ray Train workers, export the model and write summary.json in "
+        "<run.storage_path>/<run.name>/. On a cluster: ray job submit --working-dir . -- "
+        "raybooth train --config configs/train/sd15.yaml",
+    )
+    p.add_argument("--config", default=None, help="a training config (configs/train/*.yaml); defaults if absent")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=400 --set run.resume_from=latest")
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raybooth.platform.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_config(args.config, args.overrides)
+    summary = run_training(config, progress=not args.no_progress)
+    print(
+        f"trained {summary['steps']} steps ({summary['mode']}), final loss "
+        f"{summary['final_loss'] if summary['final_loss'] is None else format(summary['final_loss'], '.4f')}"
+    )
+    print(f"model: {summary['model_path']}")
+    if summary.get("registered_model"):
+        print(f"registered: {summary.get('model_uri') or summary['registered_model']} (version {summary['registered_version']})")
+    print(Path(summary["run_dir"]) / SUMMARY_FILE)
+    return 0

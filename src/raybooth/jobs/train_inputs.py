@@ -1,0 +1,184 @@
+"""Driver-side checks of a training run, before any Ray Train worker (or GPU) is taken.
+
+Each failure is a UserError that names the field or file and says what to do: an instance image
+that does not decode, an empty folder, a prompt without the identifier, a resolution that is not a
+multiple of 8, a model that cannot be resolved, options the hardware cannot do, more workers than
+the cluster can place (an error rather than a run that waits forever), and a run folder that
+already holds checkpoints when no resume was asked for (so nothing done is lost by accident).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from raybooth.jobs.checkpoints import find_checkpoints, is_complete, read_state
+from raybooth.platform.config import TrainConfig
+from raybooth.platform.errors import ConfigError, ImageError
+from raybooth.platform.images import list_images, open_image
+from raybooth.platform.models import ResolvedModel, resolve_model
+
+
+@dataclass
+class TrainInputs:
+    storage_path: Path
+    run_dir: Path
+    instance_images: list[Path]
+    resolved: ResolvedModel
+
+
+def run_directory(config: TrainConfig) -> tuple[Path, Path]:
+    """(absolute storage path, run directory = storage/name). Ray Train needs absolute paths."""
+    storage = Path(config.run.storage_path).expanduser().resolve()
+    return storage, storage / config.run.name
+
+
+def check_instance_images(config: TrainConfig) -> list[Path]:
+    paths = list_images(config.subject.instance_data_dir, "subject.instance_data_dir")
+    bad = []
+    for path in paths:
+        try:
+            open_image(path, name=str(path))
+        except ImageError as exc:
+            bad.append(exc.message)
+    if bad:
+        raise ImageError(
+            f"subject.instance_data_dir: {len(bad)} of {len(paths)} instance image(s) cannot be "
+            f"used: {'; '.join(bad)}. Fix or remove them.",
+            field="subject.instance_data_dir",
+        )
+    return paths
+
+
+def check_inputs(config: TrainConfig) -> TrainInputs:
+    s, t = config.subject, config.train
+    if s.identifier not in s.instance_prompt.split():
+        raise ConfigError(
+            f"subject.instance_prompt {s.instance_prompt!r} does not contain the identifier "
+            f"{s.identifier!r}", field="subject.instance_prompt",
+        )
+    if t.resolution % 8:
+        raise ConfigError(f"train.resolution must be a multiple of 8 (got {t.resolution})", field="train.resolution")
+    if config.priors.enabled and not s.class_prompt.strip():
+        raise ConfigError("subject.class_prompt is empty but priors.enabled is true", field="subject.class_prompt")
+    if t.mixed_precision == "fp16" and not config.scaling.use_gpu:
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs GPUs (scaling.use_gpu=true); on CPUs use 'bf16' or 'no'",
+            field="train.mixed_precision",
+        )
+    if t.use_8bit_adam and not config.scaling.use_gpu:
+        raise ConfigError(
+            "train.use_8bit_adam needs GPUs (bitsandbytes' 8-bit AdamW is CUDA-only): set "
+            "scaling.use_gpu=true, or train.use_8bit_adam=false",
+            field="train.use_8bit_adam",
+        )
+    if t.use_8bit_adam:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                "train.use_8bit_adam needs bitsandbytes: pip install 'raybooth[gpu]' (on every "
+                "node), or set train.use_8bit_adam=false",
+                field="train.use_8bit_adam",
+            )
+    images = check_instance_images(config)
+    resolved = resolve_model(config.model, config.model_options)
+    if resolved.lora_path is not None:
+        raise ConfigError(
+            f"model {config.model!r} is a LoRA adapter; train on its base model instead",
+            field="model",
+        )
+    storage, run_dir = run_directory(config)
+    return TrainInputs(storage_path=storage, run_dir=run_dir, instance_images=images, resolved=resolved)
+
+
+def check_resume(config: TrainConfig, inputs: TrainInputs) -> Path | None:
+    """The checkpoint to start from (None: from scratch), per run.resume_from."""
+    existing = find_checkpoints(inputs.run_dir)
+    resume_from = config.run.resume_from
+    if resume_from is None:
+        if existing:
+            step, _ = existing[-1]
+            raise ConfigError(
+                f"run {config.run.name!r} in {inputs.storage_path} already has checkpoints (up to "
+                f"step {step}). Continue it with --set run.resume_from=latest, or start another "
+                "run with --set run.name=<new name>",
+                field="run.name",
+            )
+        return None
+    if resume_from == "latest":
+        if not existing:
+            print(f"training: no checkpoint in {inputs.run_dir} yet; starting from step 0")
+            return None
+        checkpoint = existing[-1][1]
+    else:
+        checkpoint = Path(resume_from).expanduser().resolve()
+        if not is_complete(checkpoint):
+            raise ConfigError(
+                f"run.resume_from: {checkpoint} is not a complete training checkpoint (a "
+                "checkpoint-* folder of a run, with state.json); use 'latest' to continue this run",
+                field="run.resume_from",
+            )
+        if existing and checkpoint not in [p for _, p in existing]:
+            raise ConfigError(
+                f"run.resume_from names {checkpoint}, but run {config.run.name!r} has checkpoints of "
+                "its own, which Ray Train would resume instead; give the run a new run.name",
+                field="run.resume_from",
+            )
+    record = read_state(checkpoint) or {}
+    expected = {"mode": config.train.mode, "train_text_encoder": config.train.train_text_encoder}
+    if config.train.mode == "lora":
+        expected["lora_rank"] = config.train.lora_rank
+    for key, value in expected.items():
+        if key in record and record[key] != value:
+            raise ConfigError(
+                f"run.resume_from: {checkpoint} was written with train.{key}={record[key]!r}, this "
+                f"config has {value!r}; resume with the same setting",
+                field=f"train.{key}",
+            )
+    if record.get("world_size") not in (None, config.scaling.num_workers):
+        print(
+            f"training: {checkpoint} was written by {record['world_size']} worker(s), this run has "
+            f"{config.scaling.num_workers}: training continues, but the data order after the "
+            "checkpoint differs from the original run's"
+        )
+    return checkpoint
+
+
+def worker_resources(config: TrainConfig) -> dict[str, float]:
+    """What one Ray Train worker asks for (Ray's defaults: 1 CPU, or 1 GPU with use_gpu)."""
+    s = config.scaling
+    if s.resources_per_worker:
+        need = dict(s.resources_per_worker)
+        if s.use_gpu and "GPU" not in need:
+            need["GPU"] = 1.0
+        return need
+    return {"GPU": 1.0} if s.use_gpu else {"CPU": 1.0}
+
+
+def check_placement(config: TrainConfig) -> None:
+    """More workers than the cluster can place is an error now, not a job that waits forever.
+
+    Counts how many workers fit on each alive node (by its total resources) and compares with
+    scaling.num_workers; STRICT_SPREAD allows one worker per node.
+    """
+    import ray
+
+    s = config.scaling
+    need = {k: v for k, v in worker_resources(config).items() if v > 0}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    capacity = 0
+    for node in nodes:
+        have = node.get("Resources", {})
+        fits = min((int(have.get(k, 0.0) // v) for k, v in need.items()), default=0)
+        capacity += min(fits, 1) if s.placement_strategy == "STRICT_SPREAD" else fits
+    if capacity >= s.num_workers:
+        return
+    totals = ray.cluster_resources()
+    have = ", ".join(f"{k}={totals.get(k, 0):g}" for k in need)
+    raise ConfigError(
+        f"scaling.num_workers={s.num_workers} workers of {need} each cannot be placed: the Ray "
+        f"cluster ({len(nodes)} node(s); {have}) fits {capacity}. Lower scaling.num_workers or "
+        "scaling.resources_per_worker, set scaling.use_gpu to match the cluster, or add nodes",
+        field="scaling.num_workers",
+    )
