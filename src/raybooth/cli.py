@@ -26,6 +26,7 @@ PART_COMMANDS: dict[str, str] = {
     "mlflow-ui": "raybooth.platform.mlflow_commands:register_ui",
     "priors": "raybooth.jobs.priors:register",
     "train": "raybooth.jobs.train:register",
+    "serve": "raybooth.serve_apps.command:register",
 }
 
 

@@ -1,0 +1,88 @@
+"""`raybooth serve --config configs/serve/local.yaml`: the Serve app in the foreground.
+
+Starts (or joins, with --address) a Ray cluster, deploys the config's applications as
+`serve deploy` would, waits until they are running, prints where they are, and stays until
+Ctrl-C (or SIGTERM), then shuts Serve and Ray down and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+
+from raybooth.platform.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the Serve app (text-to-image, inpainting, LoRA subjects) in the foreground",
+        description="Run the raybooth Serve app in the foreground until Ctrl-C (or SIGTERM).",
+    )
+    p.add_argument("--config", default="configs/serve/local.yaml", help="a Serve config file")
+    p.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
+    p.add_argument("--address", default=None,
+                   help="a running Ray cluster (default: $RAY_ADDRESS, else a new local one)")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="logical CPUs of a new local Ray (default: at least 4, so every replica fits)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the apps to be running")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from raybooth.serve_apps.deploy import (
+        app_names,
+        app_url,
+        check_serve_config,
+        deploy,
+        load_serve_config,
+        wait_http,
+        wait_running,
+        with_http,
+    )
+
+    config = load_serve_config(args.config)  # checks the file before Ray starts
+    http = config.get("http_options") or {}
+    config = with_http(config, args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000))
+    check_serve_config(config, args.config)
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a TCP port", field="--port")
+
+    import ray
+    from ray import serve
+
+    # SIGTERM (a service manager, `kill`) ends the process like Ctrl-C: clean shutdown.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        cpus = args.num_cpus or max(4, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False)
+    try:
+        deploy(config)
+        names = app_names(config)
+        print(f"raybooth serve: deploying {', '.join(names)} from {args.config} ...", flush=True)
+        wait_running(names, args.timeout)
+        url = app_url(config)
+        wait_http(url + "/healthz", 60)
+        print(f"raybooth serve: ready at {url}  (API docs: {url}/docs; Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("raybooth serve: shutting down ...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        print("raybooth serve: stopped", flush=True)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

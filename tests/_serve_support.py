@@ -1,0 +1,101 @@
+"""Helpers for the Serve tests: free ports, Serve configs for tiny apps, HTTP calls, image decoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import requests
+from PIL import Image
+
+IMPORT_PATH = "raybooth.serve_apps.app:build_app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all held open while choosing, so none repeats)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def serve_config(args: dict[str, Any], deployments: list[dict[str, Any]], port: int,
+                 name: str = "raybooth") -> dict[str, Any]:
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": name, "route_prefix": "/", "import_path": IMPORT_PATH,
+            "args": args, "deployments": deployments,
+        }],
+    }
+
+
+def ensure_ray() -> None:
+    """The same shared local Ray that the `ray_local` fixture starts (module-scoped fixtures
+    cannot use that function-scoped fixture, so they start it the same way)."""
+    import ray
+
+    from conftest import RAY_CPUS
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+
+
+def start_app(config: dict[str, Any], timeout_s: float = 240) -> str:
+    from raybooth.serve_apps.deploy import app_url, deploy, wait_http, wait_running
+
+    ensure_ray()
+    deploy(config)
+    wait_running([a["name"] for a in config["applications"]], timeout_s)
+    url = app_url(config)
+    wait_http(url + "/healthz", 60)
+    return url
+
+
+def stop_serve() -> None:
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    except Exception:
+        pass
+
+
+def decode_png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(np.int16)
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def generate(url: str, timeout: float = 120, headers: dict | None = None, **body) -> requests.Response:
+    return requests.post(url + "/v1/images/generations", json=body, timeout=timeout, headers=headers)
+
+
+def wait_until(predicate, timeout_s: float, poll_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return False
