@@ -257,8 +257,15 @@ def test_identity_covers_what_changes_pixels_and_nothing_else(tiny_path):
         identity("model=tiny-inpainting"),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
-    config = make_config("/unused")
-    assert build_spec(config, resolve_inputs(config), use_gpu=True).identity != base
+    # On the CPU the thread count changes low bits, so it is part of a CPU set's identity...
+    assert identity("priors.cpus_per_actor=2") != base
+    # ...but not of a GPU set's, and a GPU set is never mixed with a CPU one.
+    def gpu_identity(*overrides: str) -> str:
+        config = make_config("/unused", *overrides)
+        return build_spec(config, resolve_inputs(config), use_gpu=True).identity
+
+    assert gpu_identity() != base
+    assert gpu_identity("priors.cpus_per_actor=2") == gpu_identity()
 
 
 def test_actor_count_follows_gpus_then_cpus():

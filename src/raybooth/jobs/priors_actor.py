@@ -27,15 +27,15 @@ class ClassImageActor:
     and the plain loop run exactly the same code.
     """
 
-    def __init__(self, spec: PriorSpec, options: ModelOptions, cpu_threads: int | None = None):
+    def __init__(self, spec: PriorSpec, options: ModelOptions):
         import torch
 
         from raybooth.platform.pipelines import DiffusionRunner
 
-        if cpu_threads:
-            # Use the CPUs this actor reserved, no more: two actors on two cores should not fight
-            # over four threads.
-            torch.set_num_threads(cpu_threads)
+        if spec.cpu_threads:
+            # Exactly the threads the set's identity says (they change the low bits of the
+            # pixels), which are also the CPUs this actor reserved.
+            torch.set_num_threads(spec.cpu_threads)
         self.spec = spec
         self.runner = DiffusionRunner(spec.model_ref, options=options, device=spec.device, dtype=spec.dtype)
         got = self.runner.resolved.revision

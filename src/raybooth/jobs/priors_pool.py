@@ -59,10 +59,9 @@ class PriorPool:
     # ------------------------------------------------------------------ actors
 
     def _start(self) -> Any:
-        threads = max(1, int(self.plan.num_cpus)) if not self.plan.use_gpu else None
         return self._remote.options(
             num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus
-        ).remote(self.spec, self.options, threads)
+        ).remote(self.spec, self.options)
 
     def _replace(self, slot: _Slot, cause: BaseException) -> None:
         if self.replacements >= self.max_replacements:

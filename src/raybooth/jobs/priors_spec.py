@@ -11,7 +11,10 @@ any of those inputs gets a fresh set instead of silently mixing images:
   different image (measured: one pixel value off by one) alone than in a batch of five. Images are
   therefore always generated in fixed, index-aligned blocks of `batch_size`, and image i is
   byte-identical however often it is regenerated;
-- device kind and precision (GPU fp16 and CPU fp32 differ by far more than one bit).
+- device kind and precision (GPU fp16 and CPU fp32 differ by far more than one bit);
+- on the CPU, torch's thread count (`priors.cpus_per_actor`, rounded down): a matmul split over
+  more threads sums in another order (measured: 9 of 16 tiny-model images differ between one and
+  two threads). Every actor of a CPU set uses exactly that many threads.
 
 Not part of the identity: how many images are asked for (a bigger request adds images to the same
 set), how many actors make them, where they are stored.
@@ -55,6 +58,7 @@ class PriorSpec:
     batch_size: int
     device: str  # "cpu" | "cuda"
     dtype: str  # "fp32" | "fp16"
+    cpu_threads: int | None  # torch intra-op threads on the CPU; None on a GPU
 
     def identity_inputs(self) -> dict[str, Any]:
         return {"format": SPEC_FORMAT, **asdict(self)}
@@ -170,6 +174,7 @@ def build_spec(config: TrainConfig, resolved: ResolvedModel, *, use_gpu: bool) -
         batch_size=config.priors.batch_size,
         device="cuda" if use_gpu else "cpu",
         dtype="fp16" if use_gpu else "fp32",
+        cpu_threads=None if use_gpu else max(1, int(config.priors.cpus_per_actor)),
     )
     spec.params().check()
     return spec
