@@ -14,7 +14,7 @@ from pathlib import Path
 from raybooth.platform.lora import METADATA_NAME, WEIGHTS_NAME
 
 
-def make_sample_subject(out_dir: str | Path, seed: int, base_model: str = "tiny", scale: float = 0.5) -> Path:
+def make_sample_subject(out_dir: str | Path, seed: int, base_model: str = "tiny", scale: float = 0.2) -> Path:
     """Write a LoRA adapter for `base_model` (a tiny model) into `out_dir`; return the folder."""
     import torch
 
@@ -30,7 +30,9 @@ def make_sample_subject(out_dir: str | Path, seed: int, base_model: str = "tiny"
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in [*unet.named_parameters(), *text_encoder.named_parameters()]:
-            if "lora_" in name:
-                # lora_B starts at zero (an adapter that changes nothing): give it weights.
+            if "lora_B" in name:
+                # lora_B starts at zero (an adapter that changes nothing): give it weights. Only
+                # B: a random lora_A on top of its own init makes activations so large that
+                # float rounding shows in the image.
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return save_lora_adapter(out, unet, text_encoder, metadata={"base_model": base_model, "sample_seed": seed})
