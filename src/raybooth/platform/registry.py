@@ -121,9 +121,9 @@ def _version_of(client, ref: RegistryRef, uri: str):
         if not versions:
             raise ModelError(f"model {str(ref)!r}: {ref.name!r} has no versions", field="model")
         return versions[-1]
-    match = [v for v in versions if v.version == str(int(ref.version))]
+    match = [v for v in versions if str(v.version) == str(int(ref.version))]
     if not match:
-        have = ", ".join(v.version for v in versions) or "none"
+        have = ", ".join(str(v.version) for v in versions) or "none"
         raise ModelError(
             f"model {str(ref)!r}: {ref.name!r} has no version {ref.version} (versions: {have})",
             field="model",
@@ -256,19 +256,42 @@ def resolve_registered_model(ref: str, options: ModelOptions) -> "ResolvedModel"
 
 @contextlib.contextmanager
 def _fluent_store(uri: str) -> Iterator[None]:
-    """mlflow.pyfunc.log_model works through MLflow's process-global "fluent" state; point it at
-    our store for the call and put back whatever the process had."""
+    """mlflow.pyfunc.log_model works through MLflow's process-global "fluent" state (and
+    `set_tracking_uri` also writes $MLFLOW_TRACKING_URI); point it at our store for the call and
+    then put back exactly what the process had, so later env-based lookups are not pinned."""
     import mlflow
+    import mlflow.tracking._model_registry.utils as registry_state
+    import mlflow.tracking._tracking_service.utils as tracking_state
 
-    before_tracking = mlflow.get_tracking_uri()
-    before_registry = mlflow.get_registry_uri()
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_tracking = getattr(tracking_state, "_tracking_uri", None)
+    saved_registry = getattr(registry_state, "_registry_uri", None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before_tracking)
-        mlflow.set_registry_uri(before_registry)
+        tracking_state._tracking_uri = saved_tracking
+        registry_state._registry_uri = saved_registry
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _PyfuncFlavor:
+    """mlflow.pyfunc as the flavor for Model.log, minus the `validate_serving_input` switch that
+    Model.log also hands on to the flavor's save_model (which does not accept it)."""
+
+    __name__ = "mlflow.pyfunc"
+
+    @staticmethod
+    def save_model(**kwargs):
+        import mlflow.pyfunc
+
+        kwargs.pop("validate_serving_input", None)
+        return mlflow.pyfunc.save_model(**kwargs)
 
 
 def model_info(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
@@ -336,7 +359,8 @@ def log_and_register(
     not answer within `wait_s` does not fail the finished training: the result then has None
     values and a "registration_error" (the model is still on disk, in the run directory).
     """
-    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import Model
 
     from raybooth.platform.mlflow_model import (
         ARTIFACT_INFO,
@@ -363,16 +387,22 @@ def log_and_register(
         time.sleep(2.0)
     client = client_for(uri)
     try:
-        run = client.get_run(run_id)
-        status_before = run.info.status
-        metrics = dict(run.data.metrics)
+        metrics = dict(client.get_run(run_id).data.metrics)
         with tempfile.TemporaryDirectory(prefix="raybooth-model-") as tmp:
             info_path = Path(tmp) / "raybooth_model.json"
             info_path.write_text(json.dumps(model_info(config, summary), indent=2, default=str))
             artifacts = {ARTIFACT_INFO: str(info_path), **{k: str(v) for k, v in exported.items()}}
-            with _fluent_store(uri), mlflow.start_run(run_id=run_id):
-                logged = mlflow.pyfunc.log_model(
+            with _fluent_store(uri):
+                # Model.log is what mlflow.pyfunc.log_model calls, plus two switches: `run_id`
+                # (log onto the training run without making it the active run) and
+                # `validate_serving_input=False` — that check loads the whole pipeline and
+                # runs a generation on the driver, minutes on a CPU for a real model; the tests
+                # run predict() instead.
+                logged = Model.log(
+                    artifact_path=None,
                     name=MODEL_ARTIFACT_NAME,
+                    flavor=_PyfuncFlavor,
+                    run_id=run_id,
                     python_model=RayboothDiffusionModel(),
                     artifacts=artifacts,
                     code_paths=[package_code_path()],
@@ -381,10 +411,8 @@ def log_and_register(
                     pip_requirements=pip_requirements(),
                     registered_model_name=name,
                     tags={"raybooth.mode": mode},
+                    validate_serving_input=False,
                 )
-        if status_before != "RUNNING":
-            # start_run/end_run marked the run FINISHED; keep what the driver had set.
-            client.set_terminated(run_id, status=status_before)
         result["model_uri"] = logged.model_uri
         if name:
             version = str(logged.registered_model_version)
@@ -434,7 +462,8 @@ def list_models(uri: str | None = None) -> list[dict[str, Any]]:
                                 if k.startswith("metric.")},
                     "tags": {k: v for k, v in tags.items() if not k.startswith("metric.")},
                 })
-            out.append({"name": model.name, "aliases": dict(model.aliases), "versions": versions})
+            out.append({"name": model.name, "versions": versions,
+                        "aliases": {a: str(v) for a, v in sorted(model.aliases.items())}})
         token = page.token
         if not token:
             break
@@ -452,7 +481,7 @@ def promote(name: str, version: str, alias: str, uri: str | None = None) -> dict
         raise UserError(f"version must be a number (got {version!r})", field="version")
     mv = _version_of(client, RegistryRef(name=name, version=str(version)), uri)
     previous = client.get_registered_model(name).aliases.get(alias)
-    client.set_registered_model_alias(name, alias, mv.version)
+    client.set_registered_model_alias(name, alias, str(mv.version))
     return {"name": name, "alias": alias, "version": str(mv.version),
             "previous_version": str(previous) if previous is not None else None,
             "model_uri": f"models:/{name}@{alias}"}
