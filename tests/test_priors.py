@@ -7,6 +7,7 @@ truncate, grow, kill an actor) and check that what comes back is byte-identical 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import json
 import shutil
@@ -136,17 +137,19 @@ def test_deleted_and_corrupt_images_come_back_identical(reference, tmp_path):
 @pytest.mark.timeout(180)
 def test_growing_the_set_adds_only_new_indices_through_a_storage_uri(reference, tmp_path):
     """Ask for more images of a set kept behind a `file://` URI (the pyarrow storage path that
-    `s3://` also takes): only the new indices are made; the old files are not touched."""
+    `s3://` also takes): only the new indices are made; the old files are not touched. Two callers
+    asking at once (parallel trials) make them once: the second waits and reuses."""
     result, original = reference
     directory = copy_set(result, tmp_path)
     before = snapshot(directory)
 
-    grown = ensure_class_images(
-        make_config(tmp_path.as_uri(), f"priors.num_class_images={N + 3}"), progress=False
-    )
+    config = make_config(tmp_path.as_uri(), f"priors.num_class_images={N + 3}")
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        results = list(executor.map(lambda _: ensure_class_images(config, progress=False), range(2)))
+    grown = max(results, key=lambda r: r.generated)
 
-    assert grown.identity == result.identity
-    assert grown.generated == 3 and grown.reused == N
+    assert sorted(r.generated for r in results) == [0, 3], "the new images were made twice"
+    assert grown.identity == result.identity and grown.reused == N
     assert grown.uri == f"{tmp_path.as_uri()}/{result.identity}"
     assert [p.name for p in grown.images] == [f"{i:06d}.png" for i in range(N + 3)]
     after = snapshot(directory)

@@ -31,6 +31,7 @@ from raybooth.jobs.priors_store import (
     image_name,
     load_manifest,
     open_store,
+    set_lock,
     sha256,
     verify,
 )
@@ -107,15 +108,16 @@ class _State:
     missing: list[int]
     corrupt: list[int]
 
+    @property
+    def todo(self) -> list[int]:
+        return sorted(self.missing + self.corrupt)
 
-def _inspect(config: TrainConfig, resolved: Any, gpus: float) -> _State:
-    use_gpu = gpus > 0 and config.priors.gpus_per_actor > 0
-    spec = build_spec(config, resolved, use_gpu=use_gpu)
-    store = open_store(config.priors.class_data_dir, spec.identity)
+
+def _inspect(spec: PriorSpec, store: SetStore, count: int) -> _State:
     manifest, dropped = load_manifest(store, spec.identity, spec.identity_inputs())
     if dropped:
         log.warning("%s/%s ignored (%s): every image will be verified anew", store.location, MANIFEST, dropped)
-    good, missing, corrupt = verify(store, manifest, range(config.priors.num_class_images))
+    good, missing, corrupt = verify(store, manifest, range(count))
     if corrupt:
         log.warning(
             "%d class image(s) in %s failed their checksum (truncated or changed): making them again: %s",
@@ -140,30 +142,33 @@ def ensure_class_images(
     priors = config.priors
     resolved = resolve_inputs(config)
     gpus = _visible_gpus()
-    state = _inspect(config, resolved, gpus)
-    todo = sorted(state.missing + state.corrupt)
-    pool = None
-    if todo:
-        _ensure_ray()
-        gpus = _visible_gpus()
-        if (gpus > 0) != (state.spec.device == "cuda"):
-            # The cluster has other devices than this machine: another device, another set.
-            state = _inspect(config, resolved, gpus)
-            todo = sorted(state.missing + state.corrupt)
-    if todo:
-        pool = _generate(config, state, todo, gpus, progress, on_batch_written)
-    elif state.store.read(MANIFEST) is None:
-        state.manifest.save(state.store)
+    while True:
+        spec = build_spec(config, resolved, use_gpu=gpus > 0 and priors.gpus_per_actor > 0)
+        store = open_store(priors.class_data_dir, spec.identity)
+        with set_lock(store):
+            # Under the lock: a process that held it before us may have filled the set already.
+            state = _inspect(spec, store, priors.num_class_images)
+            pool = None
+            if state.todo:
+                _ensure_ray()
+                cluster_gpus = _visible_gpus()
+                if (cluster_gpus > 0) != (gpus > 0):
+                    # The cluster has other devices than this machine: another device, another set.
+                    gpus = cluster_gpus
+                    continue
+                pool = _generate(config, state, state.todo, gpus, progress, on_batch_written)
+            elif store.read(MANIFEST) is None:
+                state.manifest.save(store)
+        break
 
     wanted = range(priors.num_class_images)
-    store = state.store
     local = store.local_path()
     directory = local if local is not None else Path(store.location)
     return ClassImageSet(
         directory=directory,
         identity=state.spec.identity,
         images=[(local / image_name(i)) if local is not None else Path(store.uri(image_name(i))) for i in wanted],
-        generated=len(todo),
+        generated=len(state.todo),
         manifest=state.manifest.to_json(),
         uri=store.uri(),
         image_uris=[store.uri(image_name(i)) for i in wanted],

@@ -11,8 +11,11 @@ missing, truncated or corrupted image fails its checksum and is made again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,6 +24,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from raybooth.platform.errors import ConfigError
+
+log = logging.getLogger("raybooth.priors")
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -51,6 +56,10 @@ class SetStore:
 
     def uri(self, name: str = "") -> str:
         raise NotImplementedError
+
+    def lock_path(self) -> Path | None:
+        """A lock file beside the set, where the filesystem has one (not object stores)."""
+        return None
 
 
 class LocalStore(SetStore):
@@ -93,6 +102,9 @@ class LocalStore(SetStore):
     def uri(self, name: str = "") -> str:
         return self.local_path(name).resolve().as_uri()
 
+    def lock_path(self) -> Path:
+        return self.root.parent / f".{self.root.name}.lock"
+
 
 class ArrowStore(SetStore):
     """Any filesystem pyarrow knows by URI (s3, gs, hdfs, abfs, file)."""
@@ -128,6 +140,41 @@ class ArrowStore(SetStore):
 
     def uri(self, name: str = "") -> str:
         return f"{self.location}/{name}" if name else self.location
+
+    def lock_path(self) -> Path | None:
+        if self.scheme == "file":
+            base = Path(self.base)
+            return base.parent / f".{base.name}.lock"
+        return None
+
+
+@contextlib.contextmanager
+def set_lock(store: SetStore):
+    """Hold the set's lock: a second process asking for the same set (parallel Tune trials, two
+    training runs) waits for the first and then finds the images made, instead of making them
+    again. Object stores have no locks: there the second process repeats the work, and since the
+    bytes are equal and every write is whole, nothing breaks."""
+    path = store.lock_path()
+    if path is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"priors.class_data_dir: cannot create {path.parent}: {exc.strerror}; choose a writable folder",
+            field="priors.class_data_dir",
+        ) from None
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is filling %s; waiting for it", store.location)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def open_store(class_data_dir: str, identity: str) -> SetStore:
