@@ -99,8 +99,52 @@ def stage_inpaint(demo: Demo) -> None:
     )
 
 
+def stage_train(demo: Demo) -> None:
+    """DreamBooth of the demo subject (configs/train/tiny.yaml): two Ray Train workers, prior
+    preservation, then images from the trained model."""
+    from raybooth.jobs.train import run_training
+    from raybooth.platform.config import load_config
+    from raybooth.platform.pipelines import DiffusionRunner, GenerationParams
+
+    overrides = [f"run.storage_path={(demo.out / 'runs').resolve()}"]
+    if demo.state.get("class_data_dir"):  # where an earlier stage made the class images
+        overrides.append(f"priors.class_data_dir={demo.state['class_data_dir']}")
+    config = load_config(Path("configs/train/tiny.yaml"), overrides)
+    demo.say(f"training {config.subject.instance_prompt!r} on {config.scaling.num_workers} Ray Train workers")
+    summary = run_training(config)
+    demo.state["train_summary"] = summary
+    demo.state["trained_model"] = summary["model_path"]
+    demo.say(f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}: {summary['model_path']}")
+
+    subject = [demo.out / f"train-subject-{i}.png" for i in range(3)]
+    for src, dst in zip(sorted(Path(config.subject.instance_data_dir).glob("*.png")), subject):
+        Image.open(src).convert("RGB").resize((128, 128), Image.NEAREST).save(dst)
+    prompts = [config.subject.instance_prompt, f"{config.subject.instance_prompt} on a beach"]
+    images = DiffusionRunner(summary["model_path"]).text_to_image(prompts, [0, 1], GenerationParams(steps=8))
+    generated = []
+    for i, img in enumerate(images):
+        generated.append(demo.out / f"train-generate-{i}.png")
+        img.resize((128, 128), Image.NEAREST).save(generated[-1])
+    grids = [Path(p) for p in summary["validation_images"]]
+    if grids:
+        shutil.copy(grids[-1], demo.out / "train-validation.png")
+        generated.append(demo.out / "train-validation.png")
+    registered = f", registered as {summary.get('model_uri')}" if summary.get("registered_model") else ""
+    demo.add(
+        "DreamBooth on Ray Train: the subject, then the trained model's images",
+        subject + generated,
+        f"{summary['steps']} steps on {summary['num_workers']} workers with prior preservation "
+        f"(final loss {summary['final_loss']:.4f}){registered}; prompts: " + " / ".join(prompts)
+        + "; last: the validation grid written during training",
+    )
+    demo.next_steps.append(
+        "raybooth train --config configs/train/sd15.yaml --set subject.instance_data_dir=YOUR_PHOTOS  "
+        "(GPU; or ray job submit --working-dir . -- raybooth train --config configs/train/sd15.yaml)"
+    )
+
+
 # Each part appends its stage here (priors, training, serving, ...).
-STAGES: list[Callable[[Demo], None]] = [stage_models, stage_generate, stage_inpaint]
+STAGES: list[Callable[[Demo], None]] = [stage_models, stage_generate, stage_inpaint, stage_train]
 
 
 def write_index(demo: Demo) -> Path:

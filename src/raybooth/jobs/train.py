@@ -63,7 +63,9 @@ def _class_images(config: TrainConfig, progress: bool):
     from raybooth.jobs.priors import ensure_class_images
 
     class_set = ensure_class_images(config, progress=progress)
-    missing = [p for p in class_set.images if not Path(p).is_file()]
+    # Absolute: a worker's working directory is not the driver's.
+    class_set.images = [Path(p).resolve() for p in class_set.images]
+    missing = [p for p in class_set.images if not p.is_file()]
     if missing:
         raise UserError(
             f"class images at {class_set.uri} are not on a filesystem this machine can read (e.g. "
@@ -81,6 +83,15 @@ def _tracker(config: TrainConfig, run_dir: Path):
 
     tracker = RunTracker.for_driver(config, run_dir)
     return tracker if tracker.run_id else None
+
+
+def worker_config(config: TrainConfig, inputs: TrainInputs) -> dict[str, Any]:
+    """The config as the workers get it: a local model directory made absolute (a worker's
+    working directory is not the driver's)."""
+    data = config.model_dump(mode="json")
+    if inputs.resolved.kind == "local":
+        data["model"] = str(inputs.resolved.path)
+    return data
 
 
 def _unwrap_user_error(exc: BaseException) -> UserError | None:
@@ -132,6 +143,8 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, Any
     check_placement(config)
     class_set = _class_images(config, progress)
     tracker = _tracker(config, inputs.run_dir)
+    if tracker is not None and class_set is not None:
+        tracker.set_tags({"raybooth.class_image_set": class_set.identity})
 
     from raybooth.jobs.export import export_checkpoint
 
@@ -145,9 +158,10 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, Any
             final_checkpoint = resume
         else:
             loop_config = {
-                "config": config.model_dump(mode="json"),
+                "config": worker_config(config, inputs),
                 "run_dir": str(inputs.run_dir),
-                "instance_images": [str(p) for p in inputs.instance_images],
+                # The few instance photos travel with the job, so no node needs the driver's folder.
+                "instance_images": {str(p): p.read_bytes() for p in inputs.instance_images},
                 "class_images": [str(p) for p in class_set.images] if class_set else None,
                 "resume_path": str(resume) if resume else None,
                 "mlflow_run_id": tracker.run_id if tracker else None,
@@ -199,6 +213,10 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, Any
             "train_seconds": round(train_s, 2),
             "total_seconds": None,
         }
+        if tracker is not None:
+            # What the rank-0 worker logged locally but could not deliver (store away at the end,
+            # worker killed): the tracker skips what the run already has.
+            tracker.backfill(metrics, {f"validation/{Path(p).name}": Path(p) for p in summary["validation_images"]})
         if tracker is not None and config.tracking.register_as:
             from raybooth.platform.registry import log_and_register
 

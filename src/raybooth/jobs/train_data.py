@@ -66,9 +66,11 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def load_images(paths: list[Path], resolution: int, name: str) -> list[Image.Image]:
-    """Decode and resize once (shorter side = resolution); errors name the file."""
-    return [resize_shorter_side(open_image(p, name=f"{name} {p}"), resolution) for p in paths]
+def load_images(sources: list[Path] | list[bytes], resolution: int, name: str,
+                names: list[str] | None = None) -> list[Image.Image]:
+    """Decode (files or their bytes) and resize once (shorter side = resolution); errors name the file."""
+    names = names or [str(s) for s in sources]
+    return [resize_shorter_side(open_image(s, name=f"{name} {n}"), resolution) for s, n in zip(sources, names)]
 
 
 def instance_image_paths(directory: str | Path) -> list[Path]:

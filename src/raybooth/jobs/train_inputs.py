@@ -34,7 +34,8 @@ def run_directory(config: TrainConfig) -> tuple[Path, Path]:
 
 
 def check_instance_images(config: TrainConfig) -> list[Path]:
-    paths = list_images(config.subject.instance_data_dir, "subject.instance_data_dir")
+    folder = Path(config.subject.instance_data_dir).expanduser().resolve()
+    paths = list_images(folder, "subject.instance_data_dir")
     bad = []
     for path in paths:
         try:

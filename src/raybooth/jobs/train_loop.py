@@ -85,7 +85,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     batch = t.batch_size
     micro_steps_total = t.max_steps * t.gradient_accumulation_steps
     instance = ImageLatents(
-        load_images([Path(p) for p in loop_config["instance_images"]], t.resolution, "instance image"),
+        load_images(list(loop_config["instance_images"].values()), t.resolution, "instance image",
+                    names=list(loop_config["instance_images"])),
         t.resolution, t.center_crop, models.vae, device, cached=t.cache_latents,
     )
     instance_order = build_schedule(
