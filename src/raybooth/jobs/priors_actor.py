@@ -32,6 +32,13 @@ class ClassImageActor:
 
         from raybooth.platform.pipelines import DiffusionRunner
 
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        # The driver shows the one progress bar that matters; load bars from every actor would
+        # interleave with it.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         if spec.cpu_threads:
             # Exactly the threads the set's identity says (they change the low bits of the
             # pixels), which are also the CPUs this actor reserved.
