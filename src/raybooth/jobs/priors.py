@@ -45,8 +45,8 @@ class ClassImageSet:
     """A filled class-image set.
 
     For a set on this machine's filesystem (a path or `file://`), `directory` and `images` are
-    local paths. For a remote store (`s3://…`) they are paths inside that store; use `uri` and
-    `image_uris` to read them.
+    local paths. For a remote store (`s3://…`) they only name the objects (`Path(uri)`, not
+    readable as files); read those through `uri` and `image_uris` (e.g. with pyarrow.fs).
     """
 
     directory: Path
@@ -236,7 +236,7 @@ def _generate(
             manifest.save(store)
             bar.update(len(written))
             made = len(todo) - len(remaining)
-            bar.set_postfix(made_per_s=f"{made / max(time.perf_counter() - started, 1e-9):.2f}")
+            bar.set_postfix_str(f"{made / max(time.perf_counter() - started, 1e-9):.2f} images/s made")
             if on_batch_written is not None:
                 on_batch_written(BatchWritten(written, total - len(remaining), total, pool))
 
