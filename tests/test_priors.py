@@ -218,6 +218,20 @@ def test_bad_inputs_fail_before_any_actor_starts(tmp_path):
     assert not class_dir.exists()
 
 
+@pytest.mark.timeout(120)
+def test_model_that_fails_to_load_in_the_actors_is_a_clear_error(ray_local, tiny_path, tmp_path):
+    """A local model folder that looks right (model_index.json) but lacks its UNet weights: the
+    actor cannot load it, and the driver gets the loader's error, not an endless restart loop."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_path, broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelError) as err:
+        ensure_class_images(make_config(tmp_path / "sets", f"model={broken}", "priors.num_actors=1"),
+                            progress=False)
+    assert "broken-model" in err.value.message, err.value.message
+
+
 @pytest.mark.timeout(60)
 def test_cli_reports_the_set_and_rejects_a_typo(reference, tmp_path, capsys):
     from raybooth.cli import main

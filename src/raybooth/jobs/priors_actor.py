@@ -10,7 +10,7 @@ from typing import Any
 
 from raybooth.jobs.priors_spec import PriorSpec, seed_for
 from raybooth.platform.config import ModelOptions
-from raybooth.platform.errors import ModelError
+from raybooth.platform.errors import ModelError, UserError
 
 
 def encode_png(image: Any) -> bytes:
@@ -28,12 +28,11 @@ class ClassImageActor:
     """
 
     def __init__(self, spec: PriorSpec, options: ModelOptions):
+        import diffusers.utils.logging
         import torch
+        import transformers.utils.logging
 
         from raybooth.platform.pipelines import DiffusionRunner
-
-        import diffusers.utils.logging
-        import transformers.utils.logging
 
         # The driver shows the one progress bar that matters; load bars from every actor would
         # interleave with it.
@@ -44,23 +43,36 @@ class ClassImageActor:
             # pixels), which are also the CPUs this actor reserved.
             torch.set_num_threads(spec.cpu_threads)
         self.spec = spec
-        self.runner = DiffusionRunner(spec.model_ref, options=options, device=spec.device, dtype=spec.dtype)
+        self.error: UserError | None = None
+        try:
+            self.runner = DiffusionRunner(spec.model_ref, options=options, device=spec.device, dtype=spec.dtype)
+        except UserError as exc:
+            # Kept and raised from each call rather than from __init__: Ray reports a failed
+            # constructor only as text, while a call's exception reaches the driver as itself.
+            self.error = exc
+            return
         got = self.runner.resolved.revision
         if spec.model_kind in {"hub", "tiny"} and got != spec.model_revision:
             # Another revision would give other pixels under the same identity.
-            raise ModelError(
+            self.error = ModelError(
                 f"model {spec.model_ref!r} resolved to revision {got!r} on this node but to "
                 f"{spec.model_revision!r} on the driver",
                 field="model",
             )
         self.params = spec.params()
 
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
     def ready(self) -> dict[str, Any]:
+        self._check()
         return {"pid": os.getpid(), **self.runner.describe(), "load_s": self.runner.load_s}
 
     def generate(self, block: int, keep: list[int]) -> list[tuple[int, bytes]]:
         """Generate the whole aligned block (so every image is made in the same batch layout
         every time) and return the PNG bytes of the indices in `keep`."""
+        self._check()
         indices = self.spec.block_indices(block)
         seeds = [seed_for(self.spec.seed, i) for i in indices]
         prompts = [self.spec.prompt] * len(indices)

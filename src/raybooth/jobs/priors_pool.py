@@ -147,10 +147,9 @@ class PriorPool:
             fill()
 
 
-def _creation_failed(exc: BaseException) -> bool:
-    # The actor's __init__ raised (e.g. the model does not load on that node): a replacement
-    # would fail the same way.
-    return "creation task" in str(exc)
+def _creation_failed(exc: RayActorError) -> bool:
+    # The actor's __init__ raised something unexpected: a replacement would fail the same way.
+    return bool(getattr(exc, "actor_init_failed", False))
 
 
 def _first_line(exc: BaseException) -> str:
