@@ -350,7 +350,7 @@ def _version_tags(config: TrainConfig, run_id: str, summary: dict, metrics: dict
 
 
 def log_and_register(
-    config: TrainConfig, run_id: str, summary: dict[str, Any], *, wait_s: float = 120.0
+    config: TrainConfig, run_id: str, summary: dict[str, Any], *, wait_s: float = 60.0
 ) -> dict[str, Any]:
     """Log the exported model as a pyfunc model on `run_id`, register it as
     `tracking.register_as` and point `tracking.alias` at the new version.

@@ -14,7 +14,11 @@ its original step and timestamp. A tracker that is disabled, or whose store is u
 the run is created, is a no-op object (`run_id` None) that warns and never raises.
 
 The driver creates (or, on a resumed / restarted job, reuses) the run and records its id in
-`<run_dir>/mlflow_run.json`; the rank-0 worker attaches to it by id.
+`<run_dir>/mlflow_run.json`; the rank-0 worker attaches to it by id. A run holds one point per
+(metric, step): a restarted worker trains the steps after its checkpoint again, and a point the
+run already has is not sent twice. After training the driver back-fills, from the run
+directory's own metrics log and validation images, whatever a worker could not deliver (the
+store was away when it finished, or the worker was killed with points still buffered).
 """
 
 from __future__ import annotations
@@ -208,7 +212,8 @@ class _Buffer:
     metrics: list = field(default_factory=list)  # mlflow.entities.Metric, oldest first
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    artifacts: list[tuple[Path, str | None]] = field(default_factory=list)  # (local file, dir)
+    # (local file, artifact dir, only if the run does not have it yet)
+    artifacts: list[tuple[Path, str | None, bool]] = field(default_factory=list)
     terminate: str | None = None  # status for set_terminated, sent last
 
     def empty(self) -> bool:
@@ -241,6 +246,7 @@ class RunTracker:
         self._delivered_metrics = 0
         self._dropped_metrics = 0
         self._inflight_metrics = 0
+        self._logged_steps: dict[str, set[int]] = {}
         self._closed = False
         self._tmp = Path(tempfile.mkdtemp(prefix="raybooth-tracking-")) if run_id else None
         self._thread: threading.Thread | None = None
@@ -411,10 +417,39 @@ class RunTracker:
         except Exception as exc:
             log.warning("could not record artifact %s: %s", local_path, exc)
 
-    def _queue_artifact(self, local: Path, artifact_dir: str | None) -> None:
+    def _queue_artifact(self, local: Path, artifact_dir: str | None, only_if_missing: bool = False) -> None:
         with self._cond:
-            self._buffer.artifacts.append((local, artifact_dir))
+            self._buffer.artifacts.append((local, artifact_dir, only_if_missing))
             self._cond.notify_all()
+
+    def backfill(self, step_metrics: dict[int, dict[str, Any]], images: dict[str, Path] | None = None) -> None:
+        """Deliver what a worker recorded locally but could not send (its process ended, or was
+        killed, while the store was away): per-step metrics (`{step: {key: value, "time": s}}`)
+        and image files (`{"validation/step-000010.png": path}`). Points and files the run already
+        has are skipped, so this is safe to call after every training."""
+        if not self.enabled or self._closed:
+            return
+        try:
+            from mlflow.entities import Metric
+
+            points = []
+            for step, record in sorted(step_metrics.items()):
+                stamp = int(float(record.get("time") or time.time()) * 1000)
+                for key, value in record.items():
+                    if key in ("step", "time", "event") or not isinstance(value, (int, float)):
+                        continue
+                    points.append(Metric(key=key, value=float(value), timestamp=stamp, step=int(step)))
+            with self._cond:
+                self._buffer.metrics.extend(points)
+                self._cond.notify_all()
+            for artifact_file, path in (images or {}).items():
+                rel = Path(artifact_file)
+                local = self._tmp / f"{time.monotonic_ns()}" / rel.name
+                local.parent.mkdir(parents=True)
+                shutil.copy2(path, local)
+                self._queue_artifact(local, str(rel.parent) if str(rel.parent) != "." else None, True)
+        except Exception as exc:
+            log.warning("could not back-fill the run's metrics: %s", exc)
 
     def _queue_changed_params(self, client, params: dict[str, str]) -> None:
         """On a continued run, params are immutable in MLflow: log only new keys, and note a value
@@ -547,22 +582,30 @@ class RunTracker:
             self._inflight_metrics = len(metrics)
         if metrics:
             try:
-                client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+                fresh = self._not_yet_logged(client, metrics)
+                if fresh:
+                    client.log_batch(self.run_id, metrics=fresh, synchronous=True)
             except Exception:
                 with self._cond:
                     self._inflight_metrics = 0
                 raise
+            for m in fresh:
+                self._logged_steps[m.key].add(m.step)
             with self._cond:
                 # The in-flight slice stays at the front: log_metrics drops only after it.
                 del self._buffer.metrics[: len(metrics)]
                 self._inflight_metrics = 0
-                self._delivered_metrics += len(metrics)
+                self._delivered_metrics += len(fresh)
             return
         with self._cond:
             artifact = self._buffer.artifacts[0] if self._buffer.artifacts else None
         if artifact is not None:
-            local, artifact_dir = artifact
-            client.log_artifact(self.run_id, str(local), artifact_path=artifact_dir)
+            local, artifact_dir, only_if_missing = artifact
+            present = set()
+            if only_if_missing:
+                present = {Path(a.path).name for a in client.list_artifacts(self.run_id, artifact_dir)}
+            if local.name not in present:
+                client.log_artifact(self.run_id, str(local), artifact_path=artifact_dir)
             with self._cond:
                 self._buffer.artifacts.pop(0)
             shutil.rmtree(local.parent, ignore_errors=True)
@@ -574,6 +617,20 @@ class RunTracker:
             with self._cond:
                 if self._buffer.terminate == status:
                     self._buffer.terminate = None
+
+    def _not_yet_logged(self, client, metrics: list) -> list:
+        """One point per (metric, step) in a run: a restarted worker trains the steps after its
+        checkpoint again (to the same values: resume is exact), and those must not show twice in
+        the history. What the run already has is read once per key."""
+        for key in {m.key for m in metrics} - set(self._logged_steps):
+            self._logged_steps[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
+        fresh, seen = [], set()
+        for m in metrics:
+            if m.step in self._logged_steps[m.key] or (m.key, m.step) in seen:
+                continue
+            seen.add((m.key, m.step))
+            fresh.append(m)
+        return fresh
 
     def __repr__(self) -> str:
         return f"RunTracker(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
