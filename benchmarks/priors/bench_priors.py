@@ -12,7 +12,8 @@ Modes:
 
 Generation is timed apart from start-up (process start + model load): with a real model the load
 is paid once per actor while generation grows with the set, so the steady rate is what scales.
-Each mode runs `--repeats` times and keeps its best generation time (the machine is shared).
+The modes run in interleaved rounds (`--repeats`), each keeping its best generation time, so load
+from other processes on a shared machine hits all modes alike.
 
     .venv/bin/python benchmarks/priors/bench_priors.py            # writes results.md / results.json
 """
@@ -61,67 +62,94 @@ def fingerprint(results: dict[int, bytes]) -> str:
     return h.hexdigest()[:12]
 
 
-def plain_loop(args: argparse.Namespace, threads: int | None) -> dict:
-    """The baseline: no Ray, one runner, the same blocks and seeds."""
-    import torch
+class PlainLoop:
+    """The baseline: no Ray, one runner in this process, the same blocks and seeds."""
 
-    from raybooth.jobs.priors_actor import encode_png
-    from raybooth.jobs.priors_spec import seed_for
-    from raybooth.platform.pipelines import DiffusionRunner
+    def __init__(self, args: argparse.Namespace, threads: int | None):
+        import torch
 
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads)
-    spec = spec_for(args, threads or default_threads)
-    t0 = time.perf_counter()
-    runner = DiffusionRunner(spec.model_ref, device="cpu", dtype="fp32")
-    startup = time.perf_counter() - t0
-    best, results = float("inf"), {}
-    for _ in range(args.repeats):
+        from raybooth.platform.pipelines import DiffusionRunner
+
+        self.args = args
+        self.threads = threads or torch.get_num_threads()
+        self.mode = f"plain loop, {self.threads} thread(s)" + ("" if threads else " (torch default)")
+        self.spec = spec_for(args, self.threads)
         t0 = time.perf_counter()
-        results = {}
-        for block in work_for(args, spec):
-            indices = spec.block_indices(block)
-            images = runner.text_to_image(
-                [spec.prompt] * len(indices), [seed_for(spec.seed, i) for i in indices], spec.params()
-            )
-            results.update({i: encode_png(img) for i, img in zip(indices, images) if i < args.images})
-        best = min(best, time.perf_counter() - t0)
-    torch.set_num_threads(default_threads)
-    name = f"plain loop, {threads or default_threads} thread(s)" + ("" if threads else " (torch default)")
-    return {"mode": name, "actors": 0, "threads": threads or default_threads, "startup_s": startup,
-            "generate_s": best, "images": args.images, "fingerprint": fingerprint(results)}
+        self.runner = DiffusionRunner(self.spec.model_ref, device="cpu", dtype="fp32")
+        self.startup_s = time.perf_counter() - t0
+
+    def run(self) -> dict[int, bytes]:
+        import torch
+
+        from raybooth.jobs.priors_actor import encode_png
+        from raybooth.jobs.priors_spec import seed_for
+
+        default = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        results: dict[int, bytes] = {}
+        try:
+            for block in work_for(self.args, self.spec):
+                indices = self.spec.block_indices(block)
+                seeds = [seed_for(self.spec.seed, i) for i in indices]
+                images = self.runner.text_to_image([self.spec.prompt] * len(indices), seeds, self.spec.params())
+                results.update({i: encode_png(im) for i, im in zip(indices, images) if i < self.args.images})
+        finally:
+            torch.set_num_threads(default)
+        return results
+
+    def close(self) -> None:
+        pass
 
 
-def actor_pool(args: argparse.Namespace, actors: int, cpus: int) -> dict:
-    from raybooth.jobs.priors_actor import ActorPlan
-    from raybooth.jobs.priors_pool import PriorPool
-    from raybooth.platform.config import ModelOptions
+class Pool:
+    """What `raybooth priors` runs: PriorPool over ClassImageActor."""
 
-    spec = spec_for(args, cpus)
-    plan = ActorPlan(num_actors=actors, num_cpus=cpus, num_gpus=0.0, use_gpu=False)
-    t0 = time.perf_counter()
-    pool = PriorPool(spec, ModelOptions(), plan)
-    try:
-        pool.wait_ready()
-        startup = time.perf_counter() - t0
-        best, results = float("inf"), {}
-        for _ in range(args.repeats):
-            results = {}
+    def __init__(self, args: argparse.Namespace, actors: int, cpus: int):
+        from raybooth.jobs.priors_actor import ActorPlan
+        from raybooth.jobs.priors_pool import PriorPool
+        from raybooth.platform.config import ModelOptions
+
+        self.args = args
+        self.threads = cpus
+        self.mode = f"{actors} actor(s) x {cpus} CPU"
+        self.spec = spec_for(args, cpus)
+        plan = ActorPlan(num_actors=actors, num_cpus=cpus, num_gpus=0.0, use_gpu=False)
+        t0 = time.perf_counter()
+        self.pool = PriorPool(self.spec, ModelOptions(), plan)
+        self.pool.wait_ready()
+        self.startup_s = time.perf_counter() - t0
+
+    def run(self) -> dict[int, bytes]:
+        results: dict[int, bytes] = {}
+        self.pool.run(work_for(self.args, self.spec), lambda batch: results.update(dict(batch)))
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def measure(modes: list, rounds: int) -> list[dict]:
+    """Interleaved rounds (every mode once per round), best time per mode: load from other
+    processes on a shared machine then hits every mode alike instead of whichever ran last."""
+    best = {m.mode: float("inf") for m in modes}
+    prints: dict[str, str] = {}
+    for r in range(rounds):
+        for m in modes:
             t0 = time.perf_counter()
-            pool.run(work_for(args, spec), lambda batch: results.update(dict(batch)))
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        pool.shutdown()
-    return {"mode": f"{actors} actor(s) x {cpus} CPU", "actors": actors, "threads": cpus,
-            "startup_s": startup, "generate_s": best, "images": args.images,
-            "fingerprint": fingerprint(results)}
+            results = m.run()
+            elapsed = time.perf_counter() - t0
+            best[m.mode] = min(best[m.mode], elapsed)
+            prints[m.mode] = fingerprint(results)
+            print(f"round {r + 1}: {m.mode}: {len(results) / elapsed:.2f} images/s", flush=True)
+    return [{"mode": m.mode, "threads": m.threads, "startup_s": m.startup_s, "generate_s": best[m.mode],
+             "images": m.args.images, "fingerprint": prints[m.mode]} for m in modes]
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     base = rows[0]["images"] / rows[0]["generate_s"]
     lines = [
         f"{args.images} images, tiny model, {args.resolution} px, {args.steps} steps, batch "
-        f"{args.batch_size}, {os.cpu_count()} CPU cores; best of {args.repeats}.",
+        f"{args.batch_size}, {os.cpu_count()} CPU cores; best of {args.repeats} interleaved rounds.",
         "",
         "| mode | images/s (generation) | vs plain loop | start-up + load (s) | same bytes as |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -142,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
 
@@ -155,18 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     from raybooth.platform.tiny import tiny_model_path
 
     tiny_model_path("tiny")
-    rows = [plain_loop(args, None), plain_loop(args, 1)]
-    for row in rows:
-        print(f"{row['mode']}: {row['images'] / row['generate_s']:.2f} images/s", flush=True)
     cores = os.cpu_count() or 2
-    # Ray gets the real core count, so actors are placed as they would be on this machine.
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    configs = [(1, 1), (1, min(2, cores)), (2, 1)]
+    # Enough logical CPUs for every pool to stay loaded at once; only one generates at a time.
+    ray.init(num_cpus=sum(a * c for a, c in configs), include_dashboard=False, log_to_driver=False)
+    modes: list = []
     try:
-        for actors, cpus in [(1, 1), (1, min(2, cores)), (2, 1)]:
-            row = actor_pool(args, actors, cpus)
-            rows.append(row)
-            print(f"{row['mode']}: {row['images'] / row['generate_s']:.2f} images/s", flush=True)
+        modes = [PlainLoop(args, None), PlainLoop(args, 1)]
+        modes += [Pool(args, actors, cpus) for actors, cpus in configs]
+        rows = measure(modes, args.repeats)
     finally:
+        for m in modes:
+            m.close()
         ray.shutdown()
     text = table(rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
