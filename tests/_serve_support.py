@@ -99,3 +99,46 @@ def wait_until(predicate, timeout_s: float, poll_s: float = 0.5) -> bool:
             return True
         time.sleep(poll_s)
     return False
+
+
+def stop_ray_cluster(temp_dir: str, grace_s: float = 10.0) -> int:
+    """Stop the Ray cluster that `ray start --temp-dir <temp_dir>` started, and nothing else.
+
+    `ray stop` would end every Ray process of this user on the machine (other tests' clusters
+    too), so instead: the processes whose command line names our temp dir (GCS, raylet,
+    dashboard, monitors) and all their descendants (workers, agents, replicas)."""
+    import psutil
+
+    me = psutil.Process()
+    spare = {me.pid, *(p.pid for p in me.parents())}  # never this test process or its callers
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid in spare:
+                continue
+            if any(temp_dir in part for part in (proc.info["cmdline"] or [])):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    victims = {}
+    for proc in roots:
+        victims[proc.pid] = proc
+        try:
+            for child in proc.children(recursive=True):
+                if child.pid not in spare:
+                    victims[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+    for proc in victims.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(victims)

@@ -54,14 +54,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    # SIGTERM (a service manager, `kill`) ends the process like Ctrl-C: clean shutdown.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
         cpus = args.num_cpus or max(4, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, include_dashboard=False)
+    # After ray.init, which installs its own SIGTERM handler (a bare exit): Ctrl-C and SIGTERM
+    # (a service manager, `kill`) both end in the clean shutdown below. SIGINT is set
+    # explicitly because a shell starting us in the background would have it ignored.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         deploy(config)
         names = app_names(config)
@@ -76,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("raybooth serve: shutting down ...", flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A second Ctrl-C must not cut the shutdown short and leave Ray processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             serve.shutdown()
         finally:
