@@ -143,8 +143,15 @@ def stage_train(demo: Demo) -> None:
     )
 
 
+def stage_serve(demo: Demo) -> None:
+    """Ray Serve: the trained subject (or tiny) behind HTTP; one generation, one inpainting."""
+    from raybooth.serve_apps.demo_stage import run_serve_stage
+
+    run_serve_stage(demo, demo_scene())
+
+
 # Each part appends its stage here (priors, training, serving, ...).
-STAGES: list[Callable[[Demo], None]] = [stage_models, stage_generate, stage_inpaint, stage_train]
+STAGES: list[Callable[[Demo], None]] = [stage_models, stage_generate, stage_inpaint, stage_train, stage_serve]
 
 
 def write_index(demo: Demo) -> Path:
