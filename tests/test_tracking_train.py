@@ -1,0 +1,213 @@
+"""`raybooth train` with MLflow tracking on, end to end (tiny model, two Ray Train workers, CPU).
+
+- On the embedded store, with the rank-0 worker (the one that logs) killed mid-run: one MLflow
+  run with every config value as a param, one `loss` point per step, the validation grids as
+  artifacts, the class-image set as a tag, a registered version under the alias; summary.json
+  names them; `raybooth generate --model models:/NAME@ALIAS` and pyfunc predict work.
+- Against a real `mlflow server` that is stopped during training and started again: training
+  finishes, and the run still ends up complete (LoRA mode, registered too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from _mlflow_server import shared_server
+from raybooth.cli import main as cli
+from raybooth.jobs.train import run_training
+from raybooth.jobs.train_metrics import read_records, step_metrics
+from raybooth.platform.config import TrainConfig, flatten, with_overrides
+from raybooth.platform.mlflow_model import decode_png
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 12
+CHECKPOINT_EVERY = 4
+METRICS = ("loss", "instance_loss", "prior_loss", "lr", "steps_per_second", "samples_per_second",
+           "peak_memory_mb")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _config(storage: Path, name: str, **values) -> TrainConfig:
+    return with_overrides(TrainConfig(), {
+        "subject.instance_data_dir": str(REPO / "examples" / "demo-subject"),
+        "subject.instance_prompt": "a photo of sks robot toy",
+        "subject.class_prompt": "a photo of a robot toy",
+        "priors.enabled": False,
+        "train.resolution": 64,
+        "train.batch_size": 1,
+        "train.max_steps": MAX_STEPS,
+        "train.learning_rate": 1e-4,
+        "train.checkpoint_every": CHECKPOINT_EVERY,
+        "train.keep_checkpoints": 2,
+        "train.validation_every": 8,
+        "train.validation_prompts": ["a photo of sks robot toy on a beach"],
+        "train.validation_steps": 2,
+        "train.log_every": 1,
+        "scaling.num_workers": 2,
+        "run.storage_path": str(storage),
+        "run.name": name,
+        "run.max_failures": 1,
+        "tracking.enabled": True,
+        "tracking.experiment": "train-e2e",
+        "tracking.register_as": name,
+        **values,
+    })
+
+
+def _watch(run_dir: Path, actions: list[tuple[int, callable]], done: threading.Event) -> threading.Thread:
+    """Run each action once training (metrics.jsonl in the run dir) has passed its step."""
+
+    def loop() -> None:
+        pending = list(actions)
+        while pending and not done.is_set():
+            metrics = step_metrics(run_dir)
+            if metrics and max(metrics) >= pending[0][0]:
+                pending.pop(0)[1](max(metrics))
+                continue
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def _registered_checkpoint(run_dir: Path) -> bool:
+    try:
+        return "checkpoint-0000" in (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    except OSError:
+        return False
+
+
+def _check_run(client, summary: dict, config: TrainConfig) -> None:
+    """What every tracked training must leave in MLflow."""
+    run_id = summary["mlflow_run_id"]
+    runs = client.search_runs(
+        [client.get_experiment_by_name("train-e2e").experiment_id],
+        filter_string=f"tags.mlflow.runName = '{config.run.name}'",
+    )
+    assert [r.info.run_id for r in runs] == [run_id]  # one run for the whole job
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert set(flatten(config)) <= set(run.data.params)
+    assert run.data.params["train.max_steps"] == str(MAX_STEPS)
+    for key in METRICS:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, MAX_STEPS + 1)), key  # one point per step
+    local = step_metrics(summary["run_dir"])
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert history == pytest.approx({s: r["loss"] for s, r in local.items()})
+    files = sorted(a.path for a in client.list_artifacts(run_id, "validation"))
+    assert files == ["validation/step-000008.png", "validation/step-000012.png"]
+    tags = run.data.tags
+    assert tags["raybooth.num_workers"] == "2" and tags["version.ray"] and tags["version.torch"]
+    assert tags["raybooth.subject.instance_prompt"] == "a photo of sks robot toy"
+
+    # Registered, with the alias, and summary.json says so.
+    name = config.tracking.register_as
+    version = client.get_model_version_by_alias(name, "candidate")
+    assert str(version.version) == summary["registered_version"]
+    assert version.run_id == run_id and version.tags["run_id"] == run_id
+    assert float(version.tags["metric.loss"]) == pytest.approx(local[MAX_STEPS]["loss"], rel=1e-4)
+    on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
+    assert on_disk["mlflow_run_id"] == run_id
+    assert (on_disk["registered_model"], on_disk["registered_version"]) == (name, summary["registered_version"])
+    assert on_disk["model_uri"] == f"models:/{name}@candidate"
+
+
+def _generate(model: str, out: Path) -> np.ndarray:
+    assert cli(["generate", "--model", model, "--prompt", "a photo of sks robot toy", "--seed", "5",
+                "--steps", "2", "--out", str(out)]) == 0
+    return np.asarray(Image.open(sorted(out.glob("*.png"))[0]).convert("RGB"))
+
+
+@pytest.mark.timeout(420)
+def test_tracked_training_with_the_logging_worker_killed(ray_local, tmp_path, raybooth_home):
+    name = "e2e-killed"
+    config = _config(tmp_path, name, **{
+        "priors.enabled": True,
+        "priors.class_data_dir": str(raybooth_home / "tracking-class-images"),
+        "priors.num_class_images": 2,
+        "priors.steps": 1,
+        "priors.num_actors": 1,
+    })
+    run_dir = tmp_path / name
+    killed: dict = {}
+
+    def kill_rank0(step: int) -> None:
+        while not _registered_checkpoint(run_dir):
+            time.sleep(0.01)
+        info = json.loads((run_dir / "workers" / "rank-0.json").read_text())
+        killed.update(info, at_step=max(step_metrics(run_dir)))
+        os.kill(info["pid"], signal.SIGKILL)  # the Ray Train worker that holds the MLflow tracker
+
+    done = threading.Event()
+    watcher = _watch(run_dir, [(CHECKPOINT_EVERY + 1, kill_rank0)], done)
+    try:
+        summary = run_training(config, progress=False)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+    assert killed and killed["at_step"] < MAX_STEPS, "the worker was not killed mid-run"
+    assert len([r for r in read_records(run_dir) if r.get("event") == "resumed"]) == 1
+
+    client = mlflow.MlflowClient()  # the embedded store (conftest points MLFLOW_TRACKING_URI there)
+    _check_run(client, summary, config)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["raybooth.class_image_set"] == summary["class_image_set"]
+
+    # The registered model is the exported one: same pixels through the registry and the folder.
+    via_registry = _generate(f"models:/{name}@candidate", tmp_path / "a")
+    assert np.array_equal(via_registry, _generate(summary["model_path"], tmp_path / "b"))
+    out = mlflow.pyfunc.load_model(f"models:/{name}@candidate").predict(
+        pd.DataFrame({"prompt": ["a photo of sks robot toy"], "seed": [5], "steps": [2]}))
+    assert np.array_equal(np.asarray(decode_png(out["image"][0])), via_registry)
+
+
+@pytest.mark.timeout(420)
+def test_tracking_server_down_mid_training_does_not_stop_it(ray_local, tmp_path, monkeypatch):
+    server = shared_server()
+    name = "e2e-outage"
+    config = _config(tmp_path, name, **{"tracking.tracking_uri": server.url, "train.mode": "lora",
+                                        "train.lora_rank": 4, "train.learning_rate": 1e-3})
+    run_dir = tmp_path / name
+    events: dict = {}
+
+    def stop(step: int) -> None:
+        events["stopped_at"] = step
+        server.stop()
+
+    def start(step: int) -> None:
+        events["restarting_at"] = step
+        server.start()
+
+    done = threading.Event()
+    watcher = _watch(run_dir, [(2, stop), (5, start)], done)
+    try:
+        summary = run_training(config, progress=False)
+    finally:
+        done.set()
+        watcher.join(timeout=120)
+        shared_server()  # running again whatever happened
+    assert events.get("stopped_at", MAX_STEPS) < MAX_STEPS, "the server was not stopped mid-training"
+    assert events.get("restarting_at") is not None
+    # Training finished in full, and nothing of the run was lost.
+    assert summary["steps"] == MAX_STEPS and summary["mode"] == "lora"
+    assert (Path(summary["lora_path"]) / "pytorch_lora_weights.safetensors").is_file()
+    _check_run(mlflow.MlflowClient(tracking_uri=server.url), summary, config)
+
+    # Served from the registry: LoRA on top of the base model it names.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    image = _generate(f"models:/{name}@candidate", tmp_path / "g")
+    assert image.shape == (64, 64, 3)
