@@ -169,4 +169,13 @@ def deployment_name(task: str, index: int, spec: ModelSpec) -> str:
 def load_args(data: dict[str, Any] | AppArgs | None, source: str = "serve config args") -> AppArgs:
     if isinstance(data, AppArgs):
         return data
-    return validate_config(dict(data or {}), AppArgs, source)
+    data = dict(data or {})
+    # Each model entry on its own first: a typo inside a list item then gets the same
+    # "did you mean" hint as anywhere else, with the item's index.
+    for task in ("text_to_image", "inpainting"):
+        entries = data.get(task)
+        if isinstance(entries, list):
+            for i, entry in enumerate(entries):
+                if isinstance(entry, dict):
+                    validate_config(entry, ModelSpec, f"{source}: {task}[{i}]")
+    return validate_config(data, AppArgs, source)
