@@ -363,3 +363,27 @@ def test_each_request_logs_one_json_line_with_its_request_id(served):
     assert ok["batch_size"] >= 1 and ok["latency_ms"] > 0 and "inference_s" in ok
     assert entries[request_id + "-bad"]["status"] == 400
     assert sum(1 for e in lines() if e["request_id"] == request_id) == 1
+
+
+def test_prometheus_metrics_count_images_batches_and_requests(served):
+    import urllib.request
+
+    import ray
+
+    assert generate(served.url, prompt="metrics", steps=2, seed=2, n=2).status_code == 200
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = ["ray_raybooth_images_generated_total", "ray_raybooth_batch_images_bucket",
+              "ray_raybooth_inference_seconds_count", "ray_raybooth_queue_seconds_count",
+              "ray_raybooth_http_requests_total", "ray_raybooth_subject_loads_total"]
+    text = ""
+
+    def exported() -> bool:
+        nonlocal text
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return all(name in text for name in wanted)
+
+    assert wait_until(exported, 60, poll_s=2), [n for n in wanted if n not in text]
+    images = [line for line in text.splitlines()
+              if line.startswith("ray_raybooth_images_generated_total") and 'model="tiny"' in line]
+    assert images and sum(float(line.rsplit(" ", 1)[1]) for line in images) >= 2
+    assert any('status="400"' in line for line in text.splitlines() if "raybooth_http_requests_total" in line)

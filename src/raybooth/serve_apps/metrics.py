@@ -1,7 +1,7 @@
 """Application metrics, exported through Ray's Prometheus endpoint beside Serve's own.
 
-Ray prefixes every name with `ray_` and adds the tags `deployment`, `replica` and `application`
-itself (so they are not tag keys here). Created inside a replica, never at import time: a metric
+Ray prefixes every name with `ray_` (and counters end in `_total`) and adds the tags
+`deployment`, `replica` and `application` itself (so they are not tag keys here). Created inside a replica, never at import time: a metric
 object needs a running Ray worker.
 
 | metric (as Prometheus shows it)                | kind      | tags        |
