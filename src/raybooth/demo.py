@@ -143,6 +143,13 @@ def stage_train(demo: Demo) -> None:
     )
 
 
+def stage_mlflow(demo: Demo) -> None:
+    """MLflow: the training run and its registered model, promoted to champion, used via pyfunc."""
+    from raybooth.platform.mlflow_demo import run_mlflow_stage
+
+    run_mlflow_stage(demo)
+
+
 def stage_serve(demo: Demo) -> None:
     """Ray Serve: the trained subject (or tiny) behind HTTP; one generation, one inpainting."""
     from raybooth.serve_apps.demo_stage import run_serve_stage
@@ -151,7 +158,7 @@ def stage_serve(demo: Demo) -> None:
 
 
 # Each part appends its stage here (priors, training, serving, ...).
-STAGES: list[Callable[[Demo], None]] = [stage_models, stage_generate, stage_inpaint, stage_train, stage_serve]
+STAGES: list[Callable[[Demo], None]] = [stage_models, stage_generate, stage_inpaint, stage_train, stage_mlflow, stage_serve]
 
 
 def write_index(demo: Demo) -> Path:

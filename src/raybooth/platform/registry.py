@@ -255,7 +255,7 @@ def resolve_registered_model(ref: str, options: ModelOptions) -> "ResolvedModel"
 
 
 @contextlib.contextmanager
-def _fluent_store(uri: str) -> Iterator[None]:
+def fluent_store(uri: str) -> Iterator[None]:
     """mlflow.pyfunc.log_model works through MLflow's process-global "fluent" state (and
     `set_tracking_uri` also writes $MLFLOW_TRACKING_URI); point it at our store for the call and
     then put back exactly what the process had, so later env-based lookups are not pinned."""
@@ -387,18 +387,27 @@ def log_and_register(
         time.sleep(2.0)
     client = client_for(uri)
     try:
-        metrics = dict(client.get_run(run_id).data.metrics)
+        run = client.get_run(run_id)
+        metrics = dict(run.data.metrics)
         with tempfile.TemporaryDirectory(prefix="raybooth-model-") as tmp:
             info_path = Path(tmp) / "raybooth_model.json"
             info_path.write_text(json.dumps(model_info(config, summary), indent=2, default=str))
             artifacts = {ARTIFACT_INFO: str(info_path), **{k: str(v) for k, v in exported.items()}}
-            with _fluent_store(uri):
-                # Model.log is what mlflow.pyfunc.log_model calls, plus two switches: `run_id`
-                # (log onto the training run without making it the active run) and
+            with fluent_store(uri):
+                # The logged model belongs to the run's experiment (so its files go to that
+                # experiment's artifact root), not to whatever experiment the process has active.
+                pending = mlflow.initialize_logged_model(
+                    name=MODEL_ARTIFACT_NAME, source_run_id=run_id,
+                    experiment_id=run.info.experiment_id, params=dict(run.data.params),
+                    tags={"raybooth.mode": mode},
+                )
+                # Model.log is what mlflow.pyfunc.log_model calls, plus switches: `run_id` and
+                # `model_id` (log onto the training run without making it the active run) and
                 # `validate_serving_input=False` — that check loads the whole pipeline and
                 # runs a generation on the driver, minutes on a CPU for a real model; the tests
                 # run predict() instead.
                 logged = Model.log(
+                    model_id=pending.model_id,
                     artifact_path=None,
                     name=MODEL_ARTIFACT_NAME,
                     flavor=_PyfuncFlavor,
@@ -410,7 +419,6 @@ def log_and_register(
                     input_example=input_example(),
                     pip_requirements=pip_requirements(),
                     registered_model_name=name,
-                    tags={"raybooth.mode": mode},
                     validate_serving_input=False,
                 )
         result["model_uri"] = logged.model_uri
