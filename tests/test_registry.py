@@ -6,13 +6,19 @@ embedded SQLite store and through a real `mlflow server` with proxied artifacts.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 import torch
 from PIL import Image
 
@@ -109,7 +115,7 @@ def full_model(tmp_path_factory, full_export) -> dict:
 
 
 @pytest.mark.timeout(180)
-def test_full_model_is_registered_with_alias_tags_and_signature(full_model):
+def test_full_model_is_registered_with_alias_tags_and_signature(full_model, raybooth_home):
     assert full_model["registered_model"] == "reg-full"
     assert full_model["alias"] == "candidate"
     assert full_model["model_uri"] == "models:/reg-full@candidate"
@@ -121,7 +127,12 @@ def test_full_model_is_registered_with_alias_tags_and_signature(full_model):
     assert tags["subject"] == "sks" and tags["instance_prompt"] == TrainConfig().subject.instance_prompt
     assert tags["run_id"] == full_model["run_id"]
     assert tags["metric.loss"] == "0.333333" and tags["final_loss"] == "0.333"
-    assert client.get_run(full_model["run_id"]).info.status == "FINISHED"
+    run = client.get_run(full_model["run_id"])
+    assert run.info.status == "FINISHED"
+    # The model's files belong to the training run's experiment, in the embedded artifact root.
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id and logged.experiment_id == run.info.experiment_id
+    assert logged.artifact_location.startswith((raybooth_home / "mlartifacts").as_uri())
     # The logged pyfunc model carries a signature and an input example.
     info = mlflow.models.get_model_info("models:/reg-full@candidate")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == [
@@ -163,6 +174,43 @@ def test_pyfunc_predict_returns_png_images(full_model):
     more = model.predict(pd.DataFrame({"prompt": ["x", "y"], "seed": [1, 1], "steps": [1, 3],
                                        "negative_prompt": ["blurry", "blurry"]}))
     assert len(more) == 2 and more["image"][0] != more["image"][1]
+
+
+@pytest.mark.timeout(180)
+def test_mlflow_models_serve_answers_with_images(full_model, tmp_path):
+    """`mlflow models serve` (MLflow's own scoring server) runs the registered model."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/reg-full@candidate",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # It execs `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv.
+            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        ready = False
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = requests.get(url + "/ping", timeout=1).status_code == 200
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert ready, log_path.read_text()[-3000:]
+        r = requests.post(url + "/invocations", timeout=60,
+                          json={"dataframe_records": [{"prompt": "a photo of sks toy", "seed": 3}]})
+        assert r.status_code == 200, r.text[:500]
+        [prediction] = r.json()["predictions"]
+        assert prediction["seed"] == 3
+        assert np.array_equal(np.asarray(decode_png(prediction["image"])), _tiny_image("a photo of sks toy", 3))
+        # The signature is enforced: a row without a seed is a 4xx, not a crash.
+        bad = requests.post(url + "/invocations", timeout=60, json={"dataframe_records": [{"prompt": "x"}]})
+        assert 400 <= bad.status_code < 500 and "seed" in bad.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.timeout(240)
