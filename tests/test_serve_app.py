@@ -371,6 +371,8 @@ def test_prometheus_metrics_count_images_batches_and_requests(served):
     import ray
 
     assert generate(served.url, prompt="metrics", steps=2, seed=2, n=2).status_code == 200
+    assert generate(served.url, prompt="metrics", steps=2, seed=2, model="beta").status_code == 200
+    assert generate(served.url, prompt="metrics", steps=0).status_code == 400
     port = ray._private.worker._global_node.metrics_export_port
     wanted = ["ray_raybooth_images_generated_total", "ray_raybooth_batch_images_bucket",
               "ray_raybooth_inference_seconds_count", "ray_raybooth_queue_seconds_count",
