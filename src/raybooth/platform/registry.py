@@ -315,6 +315,17 @@ def model_info(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
         meta = read_lora_metadata(summary["lora_path"])
         info["base_model"] = meta.get("base_model") or info["base_model"]
         info["base_revision"] = meta.get("base_revision") or info["base_revision"]
+        base, revision = str(info["base_model"]), str(info.get("base_revision") or "")
+        if base.startswith(MODELS_PREFIX) and revision.isdigit():
+            # An adapter fits the exact weights it was trained on: pin the registry version
+            # rather than an alias that may move on.
+            info["base_model"] = f"{MODELS_PREFIX}{parse_ref(base).name}/{revision}"
+            info["base_revision"] = None
+        elif os.path.isabs(os.path.expanduser(base)) or base.startswith("."):
+            log.warning(
+                "LoRA base model %s is a local folder: the registered model loads only where "
+                "that folder exists (register the base model too, or train on a Hub id)", base,
+            )
     return info
 
 
