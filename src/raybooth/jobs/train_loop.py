@@ -341,6 +341,7 @@ def record_worker(run_dir: Path, rank: int, world: int) -> None:
     info = {
         "rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(),
         "node_id": ray.get_runtime_context().get_node_id(), "started": time.time(),
+        "torch_threads": torch.get_num_threads(),
     }
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(info))
