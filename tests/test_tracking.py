@@ -156,9 +156,20 @@ def test_bad_values_are_warned_not_raised(tmp_path, caplog):
         tracker.log_image(Image.new("RGB", (4, 4)), "../escape.png")
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "loss" in messages and "validation/x.png" in messages and "escape" in messages
-    tracker.log_metrics({"loss": 2.0}, step=1)
+    assert tracker.flush(30)
+    with caplog.at_level(logging.WARNING, logger="raybooth.tracking"):
+        # MLflow params are immutable: the store refuses a new value for good. That must be
+        # dropped with a warning, not retried forever in front of everything logged after it.
+        tracker.log_params({"train.max_steps": "999", "custom.note": "kept"})
+        tracker.log_metrics({"loss": 2.0}, step=1)
+        assert tracker.flush(30)
+    assert any("refused params" in r.getMessage() and "train.max_steps" in r.getMessage()
+               for r in caplog.records)
     tracker.end()
-    assert _steps(_client(tracker.tracking_uri), tracker.run_id) == [1]
+    client = _client(tracker.tracking_uri)
+    assert _steps(client, tracker.run_id) == [1]
+    params = client.get_run(tracker.run_id).data.params
+    assert params["train.max_steps"] == "20" and params["custom.note"] == "kept"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def register_models(subparsers) -> None:
 def register_ui(subparsers) -> None:
     p = subparsers.add_parser("mlflow-ui", help="open the MLflow UI on the embedded tracking store")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (MLflow's default is 4; one is plenty for one user)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback: the UI has no authentication)")
     p.set_defaults(func=cmd_mlflow_ui)
@@ -74,13 +76,13 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def ui_command(host: str, port: int) -> list[str]:
+def ui_command(host: str, port: int, workers: int = 1) -> list[str]:
     """`mlflow ui` on the embedded store (or the store MLFLOW_TRACKING_URI names, if a database)."""
     from raybooth.platform.tracking import default_artifact_root, resolve_tracking_uri
 
     uri = resolve_tracking_uri(None)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", host, "--port", str(port)]
+           "--host", host, "--port", str(port), "--workers", str(workers)]
     root = default_artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", root]
@@ -98,7 +100,9 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be 1..65535 (got {args.port})", field="port")
     if sqlite_path(uri) is not None:
         client_for(uri)  # creates the folder, so the UI starts on a fresh machine too
-    cmd = ui_command(args.host, args.port)
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {args.workers})", field="workers")
+    cmd = ui_command(args.host, args.port, args.workers)
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
     try:
         return subprocess.call(cmd)

@@ -55,6 +55,9 @@ _MAX_TAG_VALUE = 8000
 _MAX_BUFFERED_METRICS = 200_000
 _RETRY_MIN_S = 0.5
 _RETRY_MAX_S = 10.0
+# After end(), undelivered data is retried this long in the background, then dropped (warned):
+# a long-lived process (many Tune trials) must not keep threads for a store that is gone.
+_GIVE_UP_AFTER_END_S = 600.0
 _HEALTH_TIMEOUT_S = 3.0
 
 
@@ -248,6 +251,7 @@ class RunTracker:
         self._inflight_metrics = 0
         self._logged_steps: dict[str, set[int]] = {}
         self._closed = False
+        self._closed_at = 0.0
         self._tmp = Path(tempfile.mkdtemp(prefix="raybooth-tracking-")) if run_id else None
         self._thread: threading.Thread | None = None
         if run_id:
@@ -502,6 +506,7 @@ class RunTracker:
                 self._buffer.terminate = status
                 self._cond.notify_all()
         self.flush(timeout_s)
+        self._closed_at = time.monotonic()
         self._closed = True
         with self._cond:
             done = self._buffer.empty() and not self._sending
@@ -551,19 +556,34 @@ class RunTracker:
                 with self._cond:
                     self._sending = False
                     self._cond.notify_all()
+                    if self._closed and time.monotonic() - self._closed_at > _GIVE_UP_AFTER_END_S:
+                        log.warning(
+                            "MLflow run %s: giving up on %d undelivered items for %s (the run "
+                            "directory keeps its own metrics log and images)",
+                            self.run_id, self._buffer.size(), self.tracking_uri,
+                        )
+                        self._buffer = _Buffer()
+                        self._cond.notify_all()
+                        return
                 # Back off for the full delay: new log calls must not turn it into a busy loop.
                 time.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
 
     def _send_some(self, client) -> None:
-        """Send one slice of the buffer; remove it from the buffer only once the store took it,
-        so a failure part-way leaves it to be sent again."""
+        """Send one slice of the buffer; remove it from the buffer only once the store took it
+        (or refused it for good), so a failure part-way leaves it to be sent again."""
         from mlflow.entities import Param, RunTag
+
+        def log_params(items):
+            client.log_batch(self.run_id, params=[Param(k, v) for k, v in items], synchronous=True)
+
+        def log_tags(items):
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items], synchronous=True)
 
         with self._cond:
             params = list(self._buffer.params.items())[:_MAX_PARAMS_TAGS_PER_BATCH]
         if params:
-            client.log_batch(self.run_id, params=[Param(k, v) for k, v in params], synchronous=True)
+            self._deliver(params, log_params, "params")
             with self._cond:
                 for k, _ in params:
                     self._buffer.params.pop(k, None)
@@ -571,7 +591,7 @@ class RunTracker:
         with self._cond:
             tags = list(self._buffer.tags.items())[:_MAX_PARAMS_TAGS_PER_BATCH]
         if tags:
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags], synchronous=True)
+            self._deliver(tags, log_tags, "tags")
             with self._cond:
                 for k, v in tags:
                     if self._buffer.tags.get(k) == v:
@@ -583,29 +603,35 @@ class RunTracker:
         if metrics:
             try:
                 fresh = self._not_yet_logged(client, metrics)
-                if fresh:
-                    client.log_batch(self.run_id, metrics=fresh, synchronous=True)
+                delivered = self._deliver(
+                    fresh, lambda items: client.log_batch(self.run_id, metrics=items, synchronous=True),
+                    "metrics",
+                ) if fresh else []
             except Exception:
                 with self._cond:
                     self._inflight_metrics = 0
                 raise
-            for m in fresh:
+            for m in delivered:
                 self._logged_steps[m.key].add(m.step)
             with self._cond:
                 # The in-flight slice stays at the front: log_metrics drops only after it.
                 del self._buffer.metrics[: len(metrics)]
                 self._inflight_metrics = 0
-                self._delivered_metrics += len(fresh)
+                self._delivered_metrics += len(delivered)
             return
         with self._cond:
             artifact = self._buffer.artifacts[0] if self._buffer.artifacts else None
         if artifact is not None:
             local, artifact_dir, only_if_missing = artifact
-            present = set()
-            if only_if_missing:
-                present = {Path(a.path).name for a in client.list_artifacts(self.run_id, artifact_dir)}
-            if local.name not in present:
-                client.log_artifact(self.run_id, str(local), artifact_path=artifact_dir)
+
+            def upload(_items):
+                present = set()
+                if only_if_missing:
+                    present = {Path(a.path).name for a in client.list_artifacts(self.run_id, artifact_dir)}
+                if local.name not in present:
+                    client.log_artifact(self.run_id, str(local), artifact_path=artifact_dir)
+
+            self._deliver([local], upload, f"file {local.name}")
             with self._cond:
                 self._buffer.artifacts.pop(0)
             shutil.rmtree(local.parent, ignore_errors=True)
@@ -613,10 +639,29 @@ class RunTracker:
         with self._cond:
             status = self._buffer.terminate
         if status:
-            client.set_terminated(self.run_id, status=status)
+            self._deliver([status], lambda _: client.set_terminated(self.run_id, status=status), "status")
             with self._cond:
                 if self._buffer.terminate == status:
                     self._buffer.terminate = None
+
+    def _deliver(self, items: list, send, what: str) -> list:
+        """send(items); the items the store took. A store that is away raises (retried later);
+        one that refuses an item for good (an invalid value, a deleted run) must not block
+        everything queued behind it: the refused items are dropped with a warning."""
+        try:
+            send(items)
+            return items
+        except Exception as exc:
+            if not _refused(exc):
+                raise
+            if len(items) == 1:
+                log.warning("MLflow run %s: the store refused %s %s (%s); dropped",
+                            self.run_id, what, _short(items[0]), _first_line(exc))
+                return []
+        delivered = []
+        for item in items:  # find the bad ones
+            delivered += self._deliver([item], send, what)
+        return delivered
 
     def _not_yet_logged(self, client, metrics: list) -> list:
         """One point per (metric, step) in a run: a restarted worker trains the steps after its
@@ -634,6 +679,24 @@ class RunTracker:
 
     def __repr__(self) -> str:
         return f"RunTracker(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
+
+
+def _refused(exc: BaseException) -> bool:
+    """The store understood the request and said no (4xx): retrying will not help."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    try:
+        status = int(exc.get_http_status_code())
+    except Exception:
+        return False
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def _short(item: Any) -> str:
+    text = repr(item)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _first_line(exc: BaseException) -> str:
