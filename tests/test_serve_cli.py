@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -107,20 +108,35 @@ def _status(dashboard: str, env: dict[str, str]) -> dict:
     return yaml.safe_load(out.stdout)
 
 
+def _deployed_at(dashboard: str, env: dict[str, str]) -> float:
+    try:
+        app = (_status(dashboard, env).get("applications") or {}).get("raybooth") or {}
+    except AssertionError:
+        return 0.0
+    return float(app.get("last_deployed_time_s") or 0.0)
+
+
 def _deploy_and_wait(config: dict, tmp: Path, dashboard: str, env: dict[str, str]) -> dict:
+    before = _deployed_at(dashboard, env)
     path = tmp / f"serve-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     _run([str(BIN / "serve"), "deploy", str(path), "-a", dashboard], env)
     state: dict = {}
+    streak = 0
 
     def running() -> bool:
-        nonlocal state
+        # RUNNING for this deploy (not the one before), twice in a row: the controller has
+        # applied the new config to every replica, not merely accepted it.
+        nonlocal state, streak
         state = _status(dashboard, env)
         app = (state.get("applications") or {}).get("raybooth") or {}
         assert app.get("status") != "DEPLOY_FAILED", app
-        return app.get("status") == "RUNNING"
+        fresh = float(app.get("last_deployed_time_s") or 0) > before
+        healthy = all(d.get("status") == "HEALTHY" for d in (app.get("deployments") or {}).values())
+        streak = streak + 1 if fresh and app.get("status") == "RUNNING" and healthy else 0
+        return streak >= 2
 
-    assert wait_until(running, 240, poll_s=2), state
+    assert wait_until(running, 240, poll_s=1.5), state
     return state
 
 
@@ -181,6 +197,33 @@ def test_serve_deploy_local_config_onto_a_ray_start_cluster(tmp_path, tiny_path,
         single = _concurrent(url, 4)
         assert {b["replica"] for b in single} == {replica}
         assert [b["batch_size"] for b in single] == [1, 1, 1, 1]
+
+        # A new model version (here: a changed revision note, as after moving a registry alias)
+        # rolls the replicas while a client keeps sending: no request fails, and the answers
+        # come from new replicas afterwards.
+        rolled = yaml.safe_load(yaml.safe_dump(config))
+        rolled["applications"][0]["args"]["text_to_image"][0]["revision_note"] = "promoted v2"
+        statuses: list[int] = []
+        replicas: list[str] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                resp = generate(url, prompt="during the rollout", steps=2, seed=1, timeout=120)
+                statuses.append(resp.status_code)
+                if resp.status_code == 200:
+                    replicas.append(resp.json()["replica"])
+
+        sender = threading.Thread(target=client)
+        sender.start()
+        try:
+            _deploy_and_wait(rolled, tmp_path, dashboard, env)
+            assert wait_until(lambda: bool(replicas) and replicas[-1] != replica, 60)
+        finally:
+            stop.set()
+            sender.join(timeout=150)
+        assert statuses and set(statuses) == {200}, statuses
+        assert replicas[-1] != replica
     finally:
         subprocess.run([str(BIN / "serve"), "shutdown", "-a", dashboard, "-y"], capture_output=True,
                        timeout=60, env=env)
