@@ -96,10 +96,19 @@ def test_a_full_queue_answers_503_with_retry_after(guarded):
     assert generate(guarded.url, headers=headers, prompt="after", steps=2, seed=3).status_code == 200
 
 
+def test_a_request_larger_than_the_batch_limit_is_split_not_refused(guarded):
+    # max_batch_size is 1 image here: n=3 runs as three batch entries of one request.
+    resp = generate(guarded.url, headers=_auth(ENV_KEY), prompt="three", steps=2, seed=40, n=3)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [d["seed"] for d in body["data"]] == [40, 41, 42]
+    assert body["batch_size"] == 1
+
+
 def test_a_generation_past_the_timeout_is_a_504(guarded):
-    # 256 px and 50 steps take far longer than the 2.5 s limit on a CPU.
+    # 192 px and 30 steps take far longer than the 2.5 s limit on a CPU.
     started = time.monotonic()
-    resp = generate(guarded.url, headers=_auth(ENV_KEY), prompt="slow", steps=50, width=256, height=256, seed=1)
+    resp = generate(guarded.url, headers=_auth(ENV_KEY), prompt="slow", steps=30, width=192, height=192, seed=1)
     elapsed = time.monotonic() - started
     assert resp.status_code == 504, resp.text
     err = resp.json()["error"]
