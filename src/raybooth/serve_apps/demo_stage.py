@@ -32,10 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _registered_or_folder(summary: dict[str, Any], folder: str | None) -> str | None:
-    """The registry reference when it resolves here (its files are then in the local cache that
-    the replicas read), else the exported folder."""
-    uri = summary.get("model_uri")
+def _registered_or_folder(state: dict[str, Any], folder: str | None) -> str | None:
+    """The registry reference (the promoted alias when the MLflow stage moved one) when it
+    resolves here (its files are then in the local cache the replicas read), else the folder."""
+    uri = state.get("champion_uri") or (state.get("train_summary") or {}).get("model_uri")
     if uri:
         from raybooth.platform.errors import UserError
         from raybooth.platform.models import resolve_model
@@ -54,11 +54,11 @@ def demo_args(state: dict[str, Any]) -> tuple[dict[str, Any], str, str, str]:
     limits = {"max_side": 256}
     if summary.get("lora_path"):
         base = summary.get("base_model") or "tiny"
-        subjects = {"demo-subject": _registered_or_folder(summary, str(summary["lora_path"]))}
+        subjects = {"demo-subject": _registered_or_folder(state, str(summary["lora_path"]))}
         spec = {"name": "base", "model": base, "subjects": subjects, "warmup_steps": 1}
         args = {"text_to_image": [spec], "inpainting": [spec], "limits": limits}
         return args, "demo-subject", "demo-subject", f"the trained LoRA subject {subjects['demo-subject']} on {base}"
-    trained = _registered_or_folder(summary, state.get("trained_model") or summary.get("model_path"))
+    trained = _registered_or_folder(state, state.get("trained_model") or summary.get("model_path"))
     if trained:
         spec = {"name": "demo-subject", "model": str(trained), "warmup_steps": 1}
         # A DreamBooth model is a 4-channel model: it inpaints its subject by latent blending.
