@@ -106,7 +106,8 @@ def _unwrap_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], progress: bool):
+def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], progress: bool,
+         callbacks: list | None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -127,6 +128,7 @@ def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], 
             storage_path=str(inputs.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
+            callbacks=callbacks,
         ),
     )
     printer = ProgressPrinter(inputs.run_dir, config.train.max_steps) if progress else contextlib.nullcontext()
@@ -134,8 +136,12 @@ def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], 
         return trainer.fit()
 
 
-def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train, export and (with tracking) register; returns the summary written to summary.json."""
+def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
+    """Train, export and (with tracking) register; returns the summary written to summary.json.
+
+    `callbacks` go into Ray Train's RunConfig (e.g. Ray Tune's TuneReportCallback, which then sees
+    the metrics reported with every checkpoint: loss, instance_loss, prior_loss, lr, ...).
+    """
     started = time.perf_counter()
     inputs = check_inputs(config)
     resume = check_resume(config, inputs)
@@ -169,7 +175,7 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, Any
             }
             t0 = time.perf_counter()
             try:
-                result = _fit(config, inputs, loop_config, progress)
+                result = _fit(config, inputs, loop_config, progress, callbacks)
             except Exception as exc:
                 from ray.train import TrainingFailedError
 
