@@ -34,7 +34,6 @@ from raybooth.jobs.train_inputs import (
     check_inputs,
     check_placement,
     check_resume,
-    run_directory,
 )
 from raybooth.jobs.train_metrics import ProgressPrinter, step_metrics
 from raybooth.platform.config import TrainConfig

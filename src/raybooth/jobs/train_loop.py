@@ -40,7 +40,7 @@ from raybooth.jobs.train_data import (
     load_images,
 )
 from raybooth.jobs.train_loss import dreambooth_loss, noisy_batch
-from raybooth.jobs.train_metrics import MetricsLog
+from raybooth.jobs.train_metrics import METRIC_KEYS as METRIC_NAMES, MetricsLog
 from raybooth.jobs.train_model import (
     MIXED_PRECISION_DTYPES,
     load_train_models,
@@ -219,11 +219,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.flush()
     if log is not None:
         log.event("finished", step=t.max_steps)
-
-
-METRIC_NAMES = (
-    "loss", "instance_loss", "prior_loss", "lr", "steps_per_second", "samples_per_second", "peak_memory_mb",
-)
 
 
 class LossWindow:
