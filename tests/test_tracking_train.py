@@ -31,7 +31,7 @@ from raybooth.platform.config import TrainConfig, flatten, with_overrides
 from raybooth.platform.mlflow_model import decode_png
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_STEPS = 12
+MAX_STEPS = 8
 CHECKPOINT_EVERY = 4
 METRICS = ("loss", "instance_loss", "prior_loss", "lr", "steps_per_second", "samples_per_second",
            "peak_memory_mb")
@@ -51,7 +51,7 @@ def _config(storage: Path, name: str, **values) -> TrainConfig:
         "train.learning_rate": 1e-4,
         "train.checkpoint_every": CHECKPOINT_EVERY,
         "train.keep_checkpoints": 2,
-        "train.validation_every": 8,
+        "train.validation_every": 4,
         "train.validation_prompts": ["a photo of sks robot toy on a beach"],
         "train.validation_steps": 2,
         "train.log_every": 1,
@@ -109,7 +109,7 @@ def _check_run(client, summary: dict, config: TrainConfig) -> None:
     history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert history == pytest.approx({s: r["loss"] for s, r in local.items()})
     files = sorted(a.path for a in client.list_artifacts(run_id, "validation"))
-    assert files == ["validation/step-000008.png", "validation/step-000012.png"]
+    assert files == ["validation/step-000004.png", "validation/step-000008.png"]
     tags = run.data.tags
     assert tags["raybooth.num_workers"] == "2" and tags["version.ray"] and tags["version.torch"]
     assert tags["raybooth.subject.instance_prompt"] == "a photo of sks robot toy"
@@ -193,7 +193,7 @@ def test_tracking_server_down_mid_training_does_not_stop_it(ray_local, tmp_path,
         server.start()
 
     done = threading.Event()
-    watcher = _watch(run_dir, [(2, stop), (5, start)], done)
+    watcher = _watch(run_dir, [(2, stop), (4, start)], done)
     try:
         summary = run_training(config, progress=False)
     finally:

@@ -399,7 +399,10 @@ def log_and_register(
     client = client_for(uri)
     try:
         run = client.get_run(run_id)
-        metrics = dict(run.data.metrics)
+        # The summary's final metrics come from the run directory's own log: complete even when
+        # the run's last points are still on their way to a store that was away.
+        metrics = {**run.data.metrics, **{k: float(v) for k, v in (summary.get("final_metrics") or {}).items()
+                                          if isinstance(v, (int, float))}}
         with tempfile.TemporaryDirectory(prefix="raybooth-model-") as tmp:
             info_path = Path(tmp) / "raybooth_model.json"
             info_path.write_text(json.dumps(model_info(config, summary), indent=2, default=str))
