@@ -145,11 +145,12 @@ def measure(modes: list, rounds: int) -> list[dict]:
              "images": m.args.images, "fingerprint": prints[m.mode]} for m in modes]
 
 
-def table(rows: list[dict], args: argparse.Namespace) -> str:
+def table(rows: list[dict], args: argparse.Namespace, load: tuple[float, float]) -> str:
     base = rows[0]["images"] / rows[0]["generate_s"]
     lines = [
         f"{args.images} images, tiny model, {args.resolution} px, {args.steps} steps, batch "
-        f"{args.batch_size}, {os.cpu_count()} CPU cores; best of {args.repeats} interleaved rounds.",
+        f"{args.batch_size}, {os.cpu_count()} CPU cores; best of {args.repeats} interleaved rounds; "
+        f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after (other processes included).",
         "",
         "| mode | images/s (generation) | vs plain loop | start-up + load (s) | same bytes as |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from raybooth.platform.tiny import tiny_model_path
 
     tiny_model_path("tiny")
+    load_before = os.getloadavg()[0]
     cores = os.cpu_count() or 2
     configs = [(1, 1), (1, min(2, cores)), (2, 1)]
     # Enough logical CPUs for every pool to stay loaded at once; only one generates at a time.
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in modes:
             m.close()
         ray.shutdown()
-    text = table(rows, args)
+    text = table(rows, args, (load_before, os.getloadavg()[0]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
