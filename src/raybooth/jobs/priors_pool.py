@@ -140,6 +140,13 @@ class PriorPool:
             except RayTaskError as exc:
                 if isinstance(exc.cause, UserError):
                     raise exc.cause from None
+                if "out of memory" in str(exc).lower():
+                    raise UserError(
+                        f"class-image generation ran out of memory ({_first_line(exc.cause or exc)}): "
+                        "lower priors.batch_size, or give each actor a whole GPU "
+                        "(priors.gpus_per_actor: 1)",
+                        field="priors.batch_size",
+                    ) from None
                 raise
             if block in slot.blocks:
                 slot.blocks.remove(block)
