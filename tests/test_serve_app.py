@@ -379,13 +379,17 @@ def test_prometheus_metrics_count_images_batches_and_requests(served):
               "ray_raybooth_http_requests_total", "ray_raybooth_subject_loads_total"]
     text = ""
 
+    def series(name: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith(name)]
+
     def exported() -> bool:
+        # Ray pushes metrics every few seconds: wait until this test's requests show.
         nonlocal text
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        return all(name in text for name in wanted)
+        images = [line for line in series("ray_raybooth_images_generated_total") if 'model="tiny"' in line]
+        return (all(name in text for name in wanted)
+                and sum(float(line.rsplit(" ", 1)[1]) for line in images) >= 2
+                and any('status="400"' in line for line in series("ray_raybooth_http_requests_total"))
+                and any('model="beta"' in line for line in series("ray_raybooth_images_generated_total")))
 
-    assert wait_until(exported, 60, poll_s=2), [n for n in wanted if n not in text]
-    images = [line for line in text.splitlines()
-              if line.startswith("ray_raybooth_images_generated_total") and 'model="tiny"' in line]
-    assert images and sum(float(line.rsplit(" ", 1)[1]) for line in images) >= 2
-    assert any('status="400"' in line for line in text.splitlines() if "raybooth_http_requests_total" in line)
+    assert wait_until(exported, 60, poll_s=2), [n for n in wanted if n not in text] or text[-3000:]
