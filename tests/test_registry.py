@@ -156,6 +156,23 @@ def test_generate_with_a_registered_full_model(full_model, tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_embedded_store_is_found_without_mlflow_tracking_uri(full_model, raybooth_home, tmp_path):
+    """A user with no MLFLOW_TRACKING_URI, in some other folder: `models:/` still resolves in
+    the embedded store (and MLflow's own default, ./mlflow.db, is neither read nor created)."""
+    shutil.rmtree(raybooth_home / "models" / "mlflow", ignore_errors=True)  # force a download
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("raybooth")), "generate", "--model", "models:/reg-full@candidate",
+         "--prompt", "a photo of sks toy", "--seed", "3", "--steps", str(STEPS), "--out", str(tmp_path / "o")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
+    image = np.asarray(Image.open(next((tmp_path / "o").glob("*.png"))).convert("RGB"))
+    assert np.array_equal(image, _tiny_image("a photo of sks toy", 3))
+
+
+@pytest.mark.timeout(180)
 def test_pyfunc_predict_returns_png_images(full_model):
     model = mlflow.pyfunc.load_model("models:/reg-full@candidate")
     out = model.predict(pd.DataFrame({"prompt": ["a photo of sks toy", "a photo of sks toy"],

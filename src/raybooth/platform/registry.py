@@ -156,12 +156,16 @@ def download_version(uri: str, mv) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{mv.name}/{mv.version}",
-            dst_path=str(tmp),
-            tracking_uri=uri,
-            registry_uri=uri,
-        )
+        # MLflow 3 drops the explicit registry_uri somewhere below download_artifacts and falls
+        # back to the process default (./mlflow.db when MLFLOW_TRACKING_URI is unset): pin the
+        # global store for the call too.
+        with fluent_store(uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{mv.name}/{mv.version}",
+                dst_path=str(tmp),
+                tracking_uri=uri,
+                registry_uri=uri,
+            )
         local = Path(local)
         if not (local / "MLmodel").is_file():
             raise ModelError(
