@@ -276,6 +276,20 @@ def validate_config(data: dict[str, Any], schema: type[S], source: str = "config
         raise _explain(exc, source, schema) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name the file (field `--config`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist", field="--config")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}", field="--config") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level", field="--config")
+    return loaded
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] | None = None, schema: type[S] = TrainConfig
 ) -> S:
@@ -283,17 +297,8 @@ def load_config(
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist", field="--config")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}", field="--config") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded
+        data = read_yaml_mapping(path)
     data = apply_overrides(data, list(overrides or []), schema)
     return validate_config(data, schema, source)
 

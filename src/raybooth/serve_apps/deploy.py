@@ -17,8 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from raybooth.platform.config import read_yaml_mapping
 from raybooth.platform.errors import ConfigError, UserError
 
 DEFAULT_APP = "raybooth"
@@ -26,13 +25,7 @@ DEFAULT_APP = "raybooth"
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
     """Read and check a Serve config file; errors name the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Serve config {path} does not exist", field="--config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}", field="--config") from None
+    data = read_yaml_mapping(path, "Serve config")
     check_serve_config(data, str(path))
     return data
 
