@@ -346,8 +346,8 @@ def _subject_path(subject: str, ref: str, spec: ModelSpec) -> Path:
     return Path(resolved.lora_path)
 
 
-@serve.deployment(
-    name="TextToImage",
+# Defaults of both model deployments; a Serve config's `deployments:` overrides any of them.
+DEPLOYMENT_DEFAULTS: dict[str, Any] = dict(
     max_ongoing_requests=16,
     max_queued_requests=64,
     user_config=DEFAULT_USER_CONFIG,
@@ -355,18 +355,13 @@ def _subject_path(subject: str, ref: str, spec: ModelSpec) -> Path:
     health_check_period_s=10,
     graceful_shutdown_timeout_s=60,
 )
+
+
+@serve.deployment(name="TextToImage", **DEPLOYMENT_DEFAULTS)
 class TextToImage(ImageModel):
     TASK = TEXT_TO_IMAGE
 
 
-@serve.deployment(
-    name="Inpainting",
-    max_ongoing_requests=16,
-    max_queued_requests=64,
-    user_config=DEFAULT_USER_CONFIG,
-    ray_actor_options={"num_cpus": 1},
-    health_check_period_s=10,
-    graceful_shutdown_timeout_s=60,
-)
+@serve.deployment(name="Inpainting", **DEPLOYMENT_DEFAULTS)
 class Inpainting(ImageModel):
     TASK = INPAINTING
