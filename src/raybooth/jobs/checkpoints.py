@@ -22,7 +22,6 @@ just the micro-step number; the RNG states cover anything else that draws random
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raybooth.platform.errors import ConfigError
+from raybooth.platform.paths import replace_into
 
 STATE_FILE = "state.json"
 FORMAT = 1
@@ -42,15 +42,6 @@ CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint-{step:06d}"
-
-
-def _replace_into(path: Path, write) -> None:
-    """Write via a temporary name and rename: a reader sees the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,16 +91,16 @@ def write_checkpoint(directory: Path, *, rank: int, world_size: int, step: int, 
     state, so one copy is enough.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    _replace_into(directory / f"rng-rank{rank}.pt", lambda p: torch.save(capture_rng(), p))
+    replace_into(directory / f"rng-rank{rank}.pt", lambda p: torch.save(capture_rng(), p))
     if rank != 0:
         return
     files = []
     for name, tensors in (weights or {}).items():
-        _replace_into(directory / f"{name}.safetensors", lambda p, t=tensors: save_file(t, str(p)))
+        replace_into(directory / f"{name}.safetensors", lambda p, t=tensors: save_file(t, str(p)))
         files.append(f"{name}.safetensors")
     for name, state in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler), ("grad_scaler", grad_scaler)):
         if state is not None:
-            _replace_into(directory / f"{name}.pt", lambda p, s=state: torch.save(s, p))
+            replace_into(directory / f"{name}.pt", lambda p, s=state: torch.save(s, p))
             files.append(f"{name}.pt")
     record = {
         "format": FORMAT,
@@ -120,7 +111,7 @@ def write_checkpoint(directory: Path, *, rank: int, world_size: int, step: int, 
         "files": files,
         **(meta or {}),
     }
-    _replace_into(directory / STATE_FILE, lambda p: p.write_text(json.dumps(record, indent=2)))
+    replace_into(directory / STATE_FILE, lambda p: p.write_text(json.dumps(record, indent=2)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from raybooth.jobs.train_inputs import (
 from raybooth.jobs.train_metrics import ProgressPrinter, step_metrics
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import UserError
+from raybooth.platform.paths import write_json_atomic
 
 log = logging.getLogger("raybooth.train")
 
@@ -229,9 +228,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
             summary.update(log_and_register(config, tracker.run_id, summary))
         summary["total_seconds"] = round(time.perf_counter() - started, 2)
         path = inputs.run_dir / SUMMARY_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, path)
+        write_json_atomic(path, summary)
         if tracker is not None:
             tracker.set_tags({"raybooth.summary": str(path), "raybooth.model_path": summary["model_path"]})
             tracker.end("FINISHED")

@@ -16,7 +16,6 @@ MLflow run to log into. Each worker then
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -51,6 +50,7 @@ from raybooth.jobs.train_model import (
 )
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.models import resolve_model
+from raybooth.platform.paths import replace_into, write_json_atomic
 
 NOISE_STREAM = 21
 WORKERS_DIR = "workers"
@@ -302,9 +302,7 @@ def run_validation(config: TrainConfig, models, accelerator, run_dir: Path, step
     )
     path = grid_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    replace_into(path, grid.save)
     if tracker is not None:
         tracker.log_image(grid, f"validation/step-{step:06d}.png")
 
@@ -338,6 +336,4 @@ def record_worker(run_dir: Path, rank: int, world: int) -> None:
         "node_id": ray.get_runtime_context().get_node_id(), "started": time.time(),
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    write_json_atomic(path, info, indent=None)

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from raybooth.platform.config import TrainConfig, flatten
-from raybooth.platform.paths import raybooth_home
+from raybooth.platform.paths import raybooth_home, write_json_atomic
 
 log = logging.getLogger("raybooth.tracking")
 
@@ -296,7 +296,7 @@ class RunTracker:
             record = {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id,
                       "experiment": config.tracking.experiment}
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(run_dir / RUN_RECORD, record)
+            write_json_atomic(run_dir / RUN_RECORD, record)
         except Exception as exc:  # any store failure: train without tracking, never fail
             log.warning(
                 "MLflow tracking at %s failed (%s: %s); training continues without tracking",
@@ -702,12 +702,6 @@ def _short(item: Any) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any] | None:
