@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from raybooth.jobs.priors import ClassImageSet, ensure_class_images
-from raybooth.jobs.priors_actor import plan_actors
-from raybooth.jobs.priors_spec import build_spec, resolve_inputs, seed_for
+from raybooth.jobs.priors.job import ClassImageSet, ensure_class_images
+from raybooth.jobs.priors.actor import plan_actors
+from raybooth.jobs.priors.spec import build_spec, resolve_inputs, seed_for
 from raybooth.platform.config import TrainConfig, load_config
 from raybooth.platform.errors import ConfigError, ModelError, UserError
 

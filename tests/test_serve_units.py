@@ -15,7 +15,7 @@ from raybooth.platform.errors import ConfigError, ModelError, UserError
 from raybooth.serve_apps.auth import ApiKeys
 from raybooth.serve_apps.catalog import Catalog
 from raybooth.serve_apps.deploy import check_serve_config, load_serve_config, with_http
-from raybooth.serve_apps.jobs import ImageJob, group_jobs, images_in, run_group
+from raybooth.serve_apps.batching import ImageJob, group_jobs, images_in, run_group
 from raybooth.serve_apps.schemas import EditRequest, GenerationRequest, check_generation, parse_request
 from raybooth.serve_apps.settings import AuthSettings, Defaults, Limits, load_args
 

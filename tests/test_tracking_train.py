@@ -25,8 +25,8 @@ from PIL import Image
 
 from _mlflow_server import shared_server
 from raybooth.cli import main as cli
-from raybooth.jobs.train import run_training
-from raybooth.jobs.train_metrics import read_records, step_metrics
+from raybooth.jobs.train.driver import run_training
+from raybooth.jobs.train.metrics import read_records, step_metrics
 from raybooth.platform.config import TrainConfig, flatten, with_overrides
 from raybooth.platform.mlflow_model import decode_png
 

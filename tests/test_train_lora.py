@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from raybooth.jobs.train import run_training
-from raybooth.jobs.train_metrics import step_metrics
+from raybooth.jobs.train.driver import run_training
+from raybooth.jobs.train.metrics import step_metrics
 from raybooth.platform.config import TrainConfig, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]

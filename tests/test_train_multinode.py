@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from raybooth.jobs.train import run_training
-from raybooth.jobs.train_metrics import read_records, step_metrics
+from raybooth.jobs.train.driver import run_training
+from raybooth.jobs.train.metrics import read_records, step_metrics
 from raybooth.platform.config import TrainConfig, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]

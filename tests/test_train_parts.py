@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raybooth.jobs.checkpoints import (
+from raybooth.jobs.train.checkpoints import (
     capture_rng,
     find_checkpoints,
     is_complete,
@@ -23,7 +23,7 @@ from raybooth.jobs.checkpoints import (
     restore_rng,
     write_checkpoint,
 )
-from raybooth.jobs.train_data import (
+from raybooth.jobs.train.data import (
     INSTANCE_STREAM,
     ImageLatents,
     Stream,
@@ -34,8 +34,8 @@ from raybooth.jobs.train_data import (
     to_tensor,
     worker_positions,
 )
-from raybooth.jobs.train_inputs import check_inputs, check_placement, check_resume
-from raybooth.jobs.train_loss import dreambooth_loss, noisy_batch
+from raybooth.jobs.train.inputs import check_inputs, check_placement, check_resume
+from raybooth.jobs.train.loss import dreambooth_loss, noisy_batch
 from raybooth.platform.config import TrainConfig, load_config, with_overrides
 from raybooth.platform.errors import ConfigError, ImageError
 
@@ -140,7 +140,7 @@ def test_prior_preservation_loss_is_instance_plus_weighted_class_mse():
     again = noisy_batch(latents, sched, torch.Generator().manual_seed(1), noise_offset=0.1)
     assert torch.equal(again.noisy, batch.noisy) and torch.equal(again.timesteps, batch.timesteps)
     # Min-SNR weighting: low-noise instance samples (SNR above gamma) weigh less; priors unchanged.
-    from raybooth.jobs.train_loss import NoisyBatch
+    from raybooth.jobs.train.loss import NoisyBatch
 
     low_noise = NoisyBatch(noisy=batch.noisy, target=batch.target, timesteps=torch.tensor([10, 20, 900, 950]))
     snr = dreambooth_loss(pred, low_noise, sched, with_prior=True, prior_loss_weight=0.5, snr_gamma=5.0)
@@ -243,7 +243,7 @@ def test_gpu_only_options_are_refused_on_cpu_workers(tmp_path):
 
 
 def test_more_workers_than_the_cluster_can_place_is_an_error_not_a_hang(ray_local, tmp_path):
-    from raybooth.jobs.train import run_training
+    from raybooth.jobs.train.driver import run_training
 
     config = config_for(tmp_path, **{"scaling.num_workers": 9})
     t0 = time.perf_counter()

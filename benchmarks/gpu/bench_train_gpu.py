@@ -9,7 +9,7 @@ No download: the UNet, VAE and CLIP text encoder are built with random weights f
 published configuration (the same layer sizes, so the same compute and memory) and saved once in
 diffusers layout; the tokenizer is raybooth's byte-level one (it changes nothing that is measured).
 Each variant runs in its own process (clean peak-memory statistics) through the same code the Ray
-Train worker runs (raybooth.jobs.train_model / train_data / train_loss with Accelerate's bf16),
+Train worker runs (raybooth.jobs.train.model / train_data / train_loss with Accelerate's bf16),
 but without Ray: the GPU machines of this project's device sessions have no Ray (see README.md).
 Batch: 1 instance + 1 class image (prior preservation), latents and frozen embeddings cached.
 
@@ -103,10 +103,10 @@ def run_variant(name: str, model_dir: Path, work: Path, steps: int, warmup: int,
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from raybooth.jobs.train_data import (CLASS_STREAM, INSTANCE_STREAM, ImageLatents, PromptEmbeddings,
+    from raybooth.jobs.train.data import (CLASS_STREAM, INSTANCE_STREAM, ImageLatents, PromptEmbeddings,
                                           Stream, build_schedule, derive_seed, load_images)
-    from raybooth.jobs.train_loss import dreambooth_loss, noisy_batch
-    from raybooth.jobs.train_model import MIXED_PRECISION_DTYPES, load_train_models, make_optimizer
+    from raybooth.jobs.train.loss import dreambooth_loss, noisy_batch
+    from raybooth.jobs.train.model import MIXED_PRECISION_DTYPES, load_train_models, make_optimizer
     from raybooth.platform.config import TrainConfig, with_overrides
     from raybooth.platform.models import resolve_model
 

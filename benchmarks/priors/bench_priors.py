@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def spec_for(args: argparse.Namespace, threads: int):
-    from raybooth.jobs.priors_spec import build_spec, resolve_inputs
+    from raybooth.jobs.priors.spec import build_spec, resolve_inputs
     from raybooth.platform.config import load_config
 
     config = load_config(
@@ -81,8 +81,8 @@ class PlainLoop:
     def run(self) -> dict[int, bytes]:
         import torch
 
-        from raybooth.jobs.priors_actor import encode_png
-        from raybooth.jobs.priors_spec import seed_for
+        from raybooth.jobs.priors.actor import encode_png
+        from raybooth.jobs.priors.spec import seed_for
 
         default = torch.get_num_threads()
         torch.set_num_threads(self.threads)
@@ -105,8 +105,8 @@ class Pool:
     """What `raybooth priors` runs: PriorPool over ClassImageActor."""
 
     def __init__(self, args: argparse.Namespace, actors: int, cpus: int):
-        from raybooth.jobs.priors_actor import ActorPlan
-        from raybooth.jobs.priors_pool import PriorPool
+        from raybooth.jobs.priors.actor import ActorPlan
+        from raybooth.jobs.priors.pool import PriorPool
         from raybooth.platform.config import ModelOptions
 
         self.args = args

@@ -59,8 +59,8 @@ def base_config(out: Path, steps: int, resolution: int, cache: bool, name: str, 
 
 
 def ray_run(config) -> dict:
-    from raybooth.jobs.train import run_training
-    from raybooth.jobs.train_metrics import read_records, step_metrics
+    from raybooth.jobs.train.driver import run_training
+    from raybooth.jobs.train.metrics import read_records, step_metrics
 
     t0 = time.perf_counter()
     summary = run_training(config, progress=False)

@@ -1,7 +1,7 @@
 """The baseline for benchmarks/train: the same DreamBooth step as `raybooth train`, in one plain
 Python process with PyTorch alone — no Ray, no Accelerate, no checkpoints, no metrics file.
 
-It builds the same model, caches, sample order and noise (raybooth.jobs.train_model / train_data /
+It builds the same model, caches, sample order and noise (raybooth.jobs.train.model / train_data /
 train_loss with the same seed), so with one worker it computes the same losses as the Ray Train
 run; the benchmark checks that before comparing speeds.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from raybooth.jobs.train_data import (
+from raybooth.jobs.train.data import (
     CLASS_STREAM,
     INSTANCE_STREAM,
     ImageLatents,
@@ -23,9 +23,9 @@ from raybooth.jobs.train_data import (
     derive_seed,
     load_images,
 )
-from raybooth.jobs.train_loop import NOISE_STREAM
-from raybooth.jobs.train_loss import dreambooth_loss, noisy_batch
-from raybooth.jobs.train_model import load_train_models, make_lr_scheduler, make_optimizer
+from raybooth.jobs.train.loop import NOISE_STREAM
+from raybooth.jobs.train.loss import dreambooth_loss, noisy_batch
+from raybooth.jobs.train.model import load_train_models, make_lr_scheduler, make_optimizer
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.models import resolve_model
 

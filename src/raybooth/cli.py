@@ -18,15 +18,20 @@ from typing import Callable
 
 from raybooth.platform.errors import UserError
 
-# Commands that live with their part: name -> "module:function" taking (subparsers) and
-# registering a parser whose `func` runs it. Imported lazily so `raybooth generate` does not pay
-# for Ray Train or Serve imports.
-PART_COMMANDS: dict[str, str] = {
-    "models": "raybooth.platform.mlflow_commands:register_models",
-    "mlflow-ui": "raybooth.platform.mlflow_commands:register_ui",
-    "priors": "raybooth.jobs.priors:register",
-    "train": "raybooth.jobs.train:register",
-    "serve": "raybooth.serve_apps.command:register",
+# Commands that live with their part: name -> ("module:function", one-line help). The function
+# takes the subparsers object and registers the command's parser (with `func` set). Only the
+# command being run is imported, so `raybooth --help` and `raybooth generate` never pay for the
+# imports of Ray Train, Serve or MLflow.
+PART_COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("raybooth.platform.mlflow_commands:register_models",
+               "list registered models, move aliases (MLflow registry)"),
+    "mlflow-ui": ("raybooth.platform.mlflow_commands:register_ui",
+                  "open the MLflow UI on the embedded tracking store"),
+    "priors": ("raybooth.jobs.priors.job:register",
+               "make the class images for prior preservation (pool of Ray actors)"),
+    "train": ("raybooth.jobs.train.driver:register", "DreamBooth fine-tuning on Ray Train"),
+    "serve": ("raybooth.serve_apps.command:register",
+              "run the Serve app (text-to-image and inpainting over HTTP) in the foreground"),
 }
 
 
@@ -151,7 +156,15 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         print(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: list[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `argv`, only the part command it names is imported and registered
+    (the others appear in `--help` by name and help line only)."""
+    chosen = _chosen_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(prog="raybooth", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -171,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="crop to the mask plus this margin (px), repaint at full resolution, paste back")
     inp.set_defaults(func=cmd_inpaint)
 
-    for name, target in PART_COMMANDS.items():
+    for name, (target, help_line) in PART_COMMANDS.items():
+        if argv is not None and name != chosen:
+            sub.add_parser(name, help=help_line, add_help=False)
+            continue
         module, func = target.split(":")
         register: Callable = getattr(importlib.import_module(module), func)
         register(sub)
@@ -188,7 +204,8 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:

@@ -102,7 +102,7 @@ def stage_inpaint(demo: Demo) -> None:
 def stage_train(demo: Demo) -> None:
     """DreamBooth of the demo subject (configs/train/tiny.yaml): two Ray Train workers, prior
     preservation, then images from the trained model."""
-    from raybooth.jobs.train import run_training
+    from raybooth.jobs.train.driver import run_training
     from raybooth.platform.config import load_config
     from raybooth.platform.pipelines import DiffusionRunner, GenerationParams
 

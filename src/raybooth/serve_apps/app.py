@@ -15,7 +15,7 @@ from typing import Any
 from ray.serve import Application
 
 from raybooth.serve_apps.ingress import Ingress
-from raybooth.serve_apps.models import Inpainting, TextToImage
+from raybooth.serve_apps.deployments import Inpainting, TextToImage
 from raybooth.serve_apps.settings import TEXT_TO_IMAGE, AppArgs, deployment_name, load_args
 
 

@@ -29,7 +29,7 @@ from raybooth.platform.errors import UserError
 from raybooth.serve_apps.auth import ApiKeys
 from raybooth.serve_apps.catalog import Catalog, Route
 from raybooth.serve_apps.http_errors import STATUS_CODES, ApiError, error_response, from_user_error
-from raybooth.serve_apps.jobs import ImageJob, JobResult
+from raybooth.serve_apps.batching import ImageJob, JobResult
 from raybooth.serve_apps.schemas import (
     EditRequest,
     ErrorResponse,

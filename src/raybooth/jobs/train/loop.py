@@ -1,6 +1,6 @@
 """What every Ray Train worker runs: DreamBooth fine-tuning, readable top to bottom.
 
-The driver (raybooth.jobs.train) hands `train_worker` a plain dict: the validated config, the run
+The driver (raybooth.jobs.train.driver) hands `train_worker` a plain dict: the validated config, the run
 directory, the instance and class image files, the checkpoint to resume from (if any) and the
 MLflow run to log into. Each worker then
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from raybooth.jobs.checkpoints import TrainingState, checkpoint_dir_name, load_checkpoint, restore_rng, write_checkpoint
-from raybooth.jobs.train_data import (
+from raybooth.jobs.train.checkpoints import TrainingState, checkpoint_dir_name, load_checkpoint, restore_rng, write_checkpoint
+from raybooth.jobs.train.data import (
     CLASS_STREAM,
     INSTANCE_STREAM,
     ImageLatents,
@@ -38,9 +38,9 @@ from raybooth.jobs.train_data import (
     derive_seed,
     load_images,
 )
-from raybooth.jobs.train_loss import dreambooth_loss, noisy_batch
-from raybooth.jobs.train_metrics import METRIC_KEYS as METRIC_NAMES, MetricsLog
-from raybooth.jobs.train_model import (
+from raybooth.jobs.train.loss import dreambooth_loss, noisy_batch
+from raybooth.jobs.train.metrics import METRIC_KEYS as METRIC_NAMES, MetricsLog
+from raybooth.jobs.train.model import (
     MIXED_PRECISION_DTYPES,
     load_train_models,
     load_trainable_state,
@@ -292,7 +292,7 @@ def report_checkpoint(accelerator, wrapped: dict[str, Any], optimizer, lr_schedu
 
 def run_validation(config: TrainConfig, models, accelerator, run_dir: Path, step: int,
                    device: torch.device, weight_dtype: torch.dtype, tracker) -> None:
-    from raybooth.jobs.train_validation import grid_path, validation_grid
+    from raybooth.jobs.train.validation import grid_path, validation_grid
 
     t = config.train
     grid = validation_grid(

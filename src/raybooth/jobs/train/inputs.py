@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.jobs.checkpoints import find_checkpoints, is_complete, read_state
+from raybooth.jobs.train.checkpoints import find_checkpoints, is_complete, read_state
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import ConfigError, ImageError
 from raybooth.platform.images import list_images, open_image

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from raybooth.jobs.checkpoints import load_checkpoint
-from raybooth.jobs.train_model import load_trainable_state, quiet_libraries
+from raybooth.jobs.train.checkpoints import load_checkpoint
+from raybooth.jobs.train.model import load_trainable_state, quiet_libraries
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.lora import add_lora, save_lora_adapter
 from raybooth.platform.models import ResolvedModel, load_components

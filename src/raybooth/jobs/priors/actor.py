@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from raybooth.jobs.priors_spec import PriorSpec, seed_for
+from raybooth.jobs.priors.spec import PriorSpec, seed_for
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import ModelError, UserError
 

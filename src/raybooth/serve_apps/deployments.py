@@ -1,7 +1,7 @@
 """The model deployments: `TextToImage` and `Inpainting`, one loaded pipeline per replica.
 
 - Requests are batched with `@serve.batch`, sized in images (`batch_size_fn`), and a batch is run
-  as one pipeline call per group of compatible requests (raybooth.serve_apps.jobs).
+  as one pipeline call per group of compatible requests (raybooth.serve_apps.batching).
 - LoRA subjects (DreamBooth adapters) are loaded onto the replica's one base pipeline with
   `@serve.multiplexed`: a replica keeps up to `max_loaded_subjects` of them, evicting the least
   recently used, and Serve routes a subject's requests to replicas that have it loaded. Serve
@@ -31,7 +31,7 @@ from raybooth.platform.config import Section, validate_config
 from raybooth.platform.errors import ConfigError, UserError
 from raybooth.platform.lora import WEIGHTS_NAME
 from raybooth.platform.pipelines import DiffusionRunner
-from raybooth.serve_apps.jobs import (
+from raybooth.serve_apps.batching import (
     ImageJob,
     JobResult,
     group_jobs,

@@ -15,7 +15,7 @@ has finished, so a checkpoint that a run can see is complete. `is_complete` chec
 (state.json and every rank's RNG file present) before anything is resumed from a folder, and
 `find_checkpoints` skips incomplete ones. Ray's `CheckpointConfig(num_to_keep)` deletes the old.
 
-The data order is a function of (seed, step) (raybooth.jobs.train_data), so the data position is
+The data order is a function of (seed, step) (raybooth.jobs.train.data), so the data position is
 just the micro-step number; the RNG states cover anything else that draws random numbers.
 """
 

@@ -1,15 +1,15 @@
 """`raybooth train`: DreamBooth fine-tuning on Ray Train, from the driver's side.
 
-    from raybooth.jobs.train import run_training
+    from raybooth.jobs.train.driver import run_training
     summary = run_training(config)      # also written to <run.storage_path>/<run.name>/summary.json
 
-The driver stays short; the work happens in the Ray Train workers (raybooth.jobs.train_loop):
+The driver stays short; the work happens in the Ray Train workers (raybooth.jobs.train.loop):
 
-    check inputs (raybooth.jobs.train_inputs)    before any worker or GPU is taken
-    -> class images (raybooth.jobs.priors)         when priors.enabled
+    check inputs (raybooth.jobs.train.inputs)    before any worker or GPU is taken
+    -> class images (raybooth.jobs.priors.job)         when priors.enabled
     -> MLflow run (raybooth.platform.tracking)     when tracking.enabled
     -> TorchTrainer(train_worker, ScalingConfig, RunConfig(storage_path, CheckpointConfig, FailureConfig)).fit()
-    -> export the last checkpoint (raybooth.jobs.export)
+    -> export the last checkpoint (raybooth.jobs.train.export)
     -> register it in MLflow (raybooth.platform.registry) when tracking.enabled
     -> summary.json
 
@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raybooth.jobs.checkpoints import read_state
-from raybooth.jobs.train_inputs import (
+from raybooth.jobs.train.checkpoints import read_state
+from raybooth.jobs.train.inputs import (
     TrainInputs,
     check_inputs,
     check_placement,
     check_resume,
 )
-from raybooth.jobs.train_metrics import ProgressPrinter, step_metrics
+from raybooth.jobs.train.metrics import ProgressPrinter, step_metrics
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import UserError
 from raybooth.platform.paths import write_json_atomic
@@ -58,7 +58,7 @@ def _ensure_ray() -> None:
 def _class_images(config: TrainConfig, progress: bool):
     if not config.priors.enabled:
         return None
-    from raybooth.jobs.priors import ensure_class_images
+    from raybooth.jobs.priors.job import ensure_class_images
 
     class_set = ensure_class_images(config, progress=progress)
     # Absolute: a worker's working directory is not the driver's.
@@ -109,7 +109,7 @@ def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raybooth.jobs.train_loop import train_worker
+    from raybooth.jobs.train.loop import train_worker
 
     s = config.scaling
     trainer = TorchTrainer(
@@ -150,7 +150,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
     if tracker is not None and class_set is not None:
         tracker.set_tags({"raybooth.class_image_set": class_set.identity})
 
-    from raybooth.jobs.export import export_checkpoint
+    from raybooth.jobs.train.export import export_checkpoint
 
     t = config.train
     resume_step = int(read_state(resume)["step"]) if resume else 0

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from raybooth.jobs.priors_actor import ActorPlan, ClassImageActor
-from raybooth.jobs.priors_spec import PriorSpec
+from raybooth.jobs.priors.actor import ActorPlan, ClassImageActor
+from raybooth.jobs.priors.spec import PriorSpec
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import UserError
 

@@ -1,6 +1,6 @@
 """Class images for DreamBooth's prior-preservation loss, made by a pool of Ray actors.
 
-    from raybooth.jobs.priors import ensure_class_images
+    from raybooth.jobs.priors.job import ensure_class_images
     class_set = ensure_class_images(config)   # fills <priors.class_data_dir>/<identity>/
 
 The set is content-addressed (see priors_spec): image i is made from a seed derived from
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from raybooth.jobs.priors_spec import PriorSpec, actor_model_options, build_spec, resolve_inputs, seed_for
-from raybooth.jobs.priors_store import (
+from raybooth.jobs.priors.spec import PriorSpec, actor_model_options, build_spec, resolve_inputs, seed_for
+from raybooth.jobs.priors.store import (
     MANIFEST,
     Manifest,
     SetStore,
@@ -191,8 +191,8 @@ def _generate(
     import ray
     from tqdm.auto import tqdm
 
-    from raybooth.jobs.priors_actor import plan_actors
-    from raybooth.jobs.priors_pool import PriorPool
+    from raybooth.jobs.priors.actor import plan_actors
+    from raybooth.jobs.priors.pool import PriorPool
 
     priors = config.priors
     spec, store, manifest = state.spec, state.store, state.manifest
