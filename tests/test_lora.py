@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from raybooth.platform.lora import WEIGHTS_NAME, add_lora, read_lora_metadata, save_lora_adapter
 from raybooth.platform.models import load_components, resolve_model
-from raybooth.platform.pipelines import DiffusionRunner, GenerationParams
+from raybooth.platform.pipelines import DiffusionRunner
+from raybooth.platform.generation import GenerationParams
 
 
 def test_text_encoder_half_of_an_adapter_is_loaded_and_used(tmp_path):

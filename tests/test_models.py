@@ -10,7 +10,8 @@ import torch
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import ModelError
 from raybooth.platform.models import check_model_ref, load_components, resolve_model
-from raybooth.platform.pipelines import DiffusionRunner, GenerationParams
+from raybooth.platform.pipelines import DiffusionRunner
+from raybooth.platform.generation import GenerationParams
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

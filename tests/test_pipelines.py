@@ -6,7 +6,8 @@ from PIL import Image
 
 from raybooth.platform.errors import UserError
 from raybooth.platform.masks import blur_mask, crop_box
-from raybooth.platform.pipelines import DiffusionRunner, GenerationParams, InpaintParams
+from raybooth.platform.pipelines import DiffusionRunner
+from raybooth.platform.generation import GenerationParams, InpaintParams
 from raybooth.platform.schedulers import SCHEDULERS
 
 REQUIRED_SCHEDULERS = ["ddpm", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc"]

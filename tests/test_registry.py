@@ -28,7 +28,8 @@ from raybooth.platform.config import TrainConfig, with_overrides
 from raybooth.platform.errors import ModelError
 from raybooth.platform.mlflow_model import decode_png
 from raybooth.platform.models import resolve_model
-from raybooth.platform.pipelines import DiffusionRunner, GenerationParams
+from raybooth.platform.pipelines import DiffusionRunner
+from raybooth.platform.generation import GenerationParams
 from raybooth.platform.registry import log_and_register
 from raybooth.platform.tracking import RunTracker
 

@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import io
 import json
 import shutil
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace

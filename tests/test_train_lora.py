@@ -68,7 +68,8 @@ def test_lora_export_is_a_diffusers_adapter_with_its_base_model(lora_run):
 
 def test_generate_and_inpaint_with_the_trained_adapter(lora_run, tmp_path):
     from raybooth.cli import main
-    from raybooth.platform.pipelines import DiffusionRunner, GenerationParams, InpaintParams
+    from raybooth.platform.pipelines import DiffusionRunner
+    from raybooth.platform.generation import GenerationParams, InpaintParams
 
     out = tmp_path / "gen"
     args = ["generate", "--model", "tiny", "--prompt", "a photo of sks robot toy", "--seed", "5",

@@ -132,7 +132,8 @@ def test_reference_run_trains_both_models_with_prior_preservation(reference, tin
 
 def test_exported_model_generates_and_inpaints(reference, tmp_path):
     from raybooth.cli import main
-    from raybooth.platform.pipelines import DiffusionRunner, InpaintParams
+    from raybooth.platform.pipelines import DiffusionRunner
+    from raybooth.platform.generation import InpaintParams
 
     _, summary = reference
     out = tmp_path / "gen"

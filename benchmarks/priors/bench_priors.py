@@ -81,7 +81,7 @@ class PlainLoop:
     def run(self) -> dict[int, bytes]:
         import torch
 
-        from raybooth.jobs.priors.actor import encode_png
+        from raybooth.platform.images import png_bytes
         from raybooth.jobs.priors.spec import seed_for
 
         default = torch.get_num_threads()
@@ -92,7 +92,7 @@ class PlainLoop:
                 indices = self.spec.block_indices(block)
                 seeds = [seed_for(self.spec.seed, i) for i in indices]
                 images = self.runner.text_to_image([self.spec.prompt] * len(indices), seeds, self.spec.params())
-                results.update({i: encode_png(im) for i, im in zip(indices, images) if i < self.args.images})
+                results.update({i: png_bytes(im) for i, im in zip(indices, images) if i < self.args.images})
         finally:
             torch.set_num_threads(default)
         return results

@@ -59,7 +59,7 @@ def summarize(images: int, wall: float, latencies: list[float]) -> dict:
 
 
 def bench_in_process(runner, batch: int, args) -> dict:
-    from raybooth.platform.pipelines import GenerationParams
+    from raybooth.platform.generation import GenerationParams
 
     params = GenerationParams(steps=args.steps, guidance_scale=7.5, scheduler="ddim")
     runner.text_to_image(["warm-up"] * batch, list(range(batch)), params)

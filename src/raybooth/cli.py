@@ -23,9 +23,9 @@ from raybooth.platform.errors import UserError
 # command being run is imported, so `raybooth --help` and `raybooth generate` never pay for the
 # imports of Ray Train, Serve or MLflow.
 PART_COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("raybooth.platform.mlflow_commands:register_models",
+    "models": ("raybooth.platform.mlflow.commands:register_models",
                "list registered models, move aliases (MLflow registry)"),
-    "mlflow-ui": ("raybooth.platform.mlflow_commands:register_ui",
+    "mlflow-ui": ("raybooth.platform.mlflow.commands:register_ui",
                   "open the MLflow UI on the embedded tracking store"),
     "priors": ("raybooth.jobs.priors.job:register",
                "make the class images for prior preservation (pool of Ray actors)"),
@@ -46,13 +46,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
 
 
-def _add_generation_args(p: argparse.ArgumentParser, default_steps: int) -> None:
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    from raybooth.platform.generation import GENERATION_DEFAULTS
+
+
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--steps", type=int, default=default_steps)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--steps", type=int, default=GENERATION_DEFAULTS.steps)
+    p.add_argument("--guidance-scale", type=float, default=GENERATION_DEFAULTS.guidance_scale)
+    p.add_argument("--scheduler", default=GENERATION_DEFAULTS.scheduler)
     p.add_argument("--seed", type=int, default=None, help="image k uses seed+k; random when absent")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -104,7 +107,7 @@ def _write(out: Path, command: str, images, seeds, record: dict) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from raybooth.platform.pipelines import GenerationParams
+    from raybooth.platform.generation import GenerationParams
 
     params = GenerationParams(steps=args.steps, guidance_scale=args.guidance_scale,
                               scheduler=args.scheduler, height=args.height, width=args.width)
@@ -129,7 +132,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from raybooth.platform.images import check_same_size, open_image, open_mask
-    from raybooth.platform.pipelines import InpaintParams
+    from raybooth.platform.generation import InpaintParams
 
     params = InpaintParams(steps=args.steps, guidance_scale=args.guidance_scale,
                            scheduler=args.scheduler, height=args.height, width=args.width,
@@ -170,12 +173,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="text-to-image with any model reference")
     _add_model_args(gen)
-    _add_generation_args(gen, default_steps=20)
+    _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     inp = sub.add_parser("inpaint", help="repaint the white area of a mask; the rest is kept exactly")
     _add_model_args(inp)
-    _add_generation_args(inp, default_steps=20)
+    _add_generation_args(inp)
     inp.add_argument("--image", required=True)
     inp.add_argument("--mask", required=True, help="white = repaint, black = keep")
     inp.add_argument("--strength", type=float, default=1.0)

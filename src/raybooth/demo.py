@@ -62,7 +62,8 @@ def stage_models(demo: Demo) -> None:
 
 
 def stage_generate(demo: Demo) -> None:
-    from raybooth.platform.pipelines import DiffusionRunner, GenerationParams
+    from raybooth.platform.pipelines import DiffusionRunner
+    from raybooth.platform.generation import GenerationParams
 
     runner = DiffusionRunner("tiny")
     prompts = ["a photo of a toy robot", "a watercolor of a lighthouse"]
@@ -76,7 +77,8 @@ def stage_generate(demo: Demo) -> None:
 
 def stage_inpaint(demo: Demo) -> None:
     from raybooth.platform.masks import blur_mask
-    from raybooth.platform.pipelines import DiffusionRunner, InpaintParams
+    from raybooth.platform.pipelines import DiffusionRunner
+    from raybooth.platform.generation import InpaintParams
 
     img, mask = demo_scene()
     params = InpaintParams(steps=8, mask_blur=2, crop_margin=8)
@@ -104,7 +106,8 @@ def stage_train(demo: Demo) -> None:
     preservation, then images from the trained model."""
     from raybooth.jobs.train.driver import run_training
     from raybooth.platform.config import load_config
-    from raybooth.platform.pipelines import DiffusionRunner, GenerationParams
+    from raybooth.platform.pipelines import DiffusionRunner
+    from raybooth.platform.generation import GenerationParams
 
     overrides = [f"run.storage_path={(demo.out / 'runs').resolve()}"]
     if demo.state.get("class_data_dir"):  # where an earlier stage made the class images

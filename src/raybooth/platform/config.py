@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raybooth.platform.errors import ConfigError
+from raybooth.platform.generation import GENERATION_DEFAULTS
 
 
 class Section(BaseModel):
@@ -43,9 +44,18 @@ class SubjectConfig(Section):
     instance_prompt: str = "a photo of sks robot toy"
     class_prompt: str = "a photo of a robot toy"
 
+    @field_validator("identifier")
+    @classmethod
+    def _one_token(cls, v: str) -> str:
+        # DreamBooth binds the subject to one rare token; an empty or multi-word identifier
+        # cannot be found in the prompt as a word.
+        if not v.strip() or len(v.split()) != 1:
+            raise ValueError(f"must be one word, a rare token such as 'sks' (got {v!r})")
+        return v.strip()
+
     @model_validator(mode="after")
     def _identifier_in_prompt(self) -> "SubjectConfig":
-        if self.identifier and self.identifier not in self.instance_prompt.split():
+        if self.identifier not in self.instance_prompt.split():
             raise ValueError(
                 f"subject.instance_prompt {self.instance_prompt!r} does not contain the identifier "
                 f"token {self.identifier!r}; DreamBooth binds the subject to that token, so write it "
@@ -63,8 +73,8 @@ class PriorsConfig(Section):
     cpus_per_actor: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=4, ge=1)
     steps: int = Field(default=4, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=0)
-    scheduler: str = "ddim"
+    guidance_scale: float = Field(default=GENERATION_DEFAULTS.guidance_scale, ge=0)
+    scheduler: str = GENERATION_DEFAULTS.scheduler
     negative_prompt: str = ""
     seed: int = 0
     resolution: int | None = Field(default=None, description="None: train.resolution")
@@ -153,6 +163,42 @@ class TrackingSection(Section):
     alias: str = "candidate"
 
 
+class EvaluationSection(Section):
+    """Subject fidelity as in the DreamBooth paper (DINO, CLIP-I, CLIP-T): `raybooth evaluate`, and
+    the end of training when a training config has this section (see raybooth.jobs.evaluate)."""
+
+    prompt_set: str = Field(default="object", description="object | live (the paper's 25 prompts each)")
+    prompts: list[str] | None = Field(
+        default=None, description="your own prompts (with the identifier) instead of prompt_set"
+    )
+    class_noun: str | None = Field(
+        default=None, description="None: the words after the identifier in subject.instance_prompt"
+    )
+    images_per_prompt: int = Field(default=4, ge=1)
+    seed: int = Field(default=0, description="image k of every prompt uses seed + k")
+    dino_encoder: str = "facebook/dino-vits16"
+    dino_revision: str | None = None
+    clip_encoder: str = "openai/clip-vit-base-patch32"
+    clip_revision: str | None = None
+    num_actors: int | Literal["auto"] = "auto"
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpus_per_actor: float = Field(default=1.0, ge=0, description="used when a GPU is present")
+    batch_size: int = Field(default=4, ge=1)
+    resolution: int | None = Field(default=None, description="None: the model's own size")
+    steps: int = Field(default=25, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0)
+    scheduler: str = "ddim"
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    every: int = Field(default=0, ge=0, description="training steps between evaluations; 0: only at the end")
+
+    @field_validator("num_actors")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or at least 1")
+        return v
+
+
 class TrainConfig(Section):
     """`raybooth train` / `raybooth priors` configuration (configs/train/*.yaml)."""
 
@@ -164,6 +210,7 @@ class TrainConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    evaluation: EvaluationSection | None = Field(default=None, description="None: no evaluation")
 
 
 # ---------------------------------------------------------------------------------------------

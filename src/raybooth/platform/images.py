@@ -108,7 +108,10 @@ def list_images(directory: str | Path, name: str) -> list[Path]:
     return files
 
 
-def to_png_bytes(img: Image.Image) -> bytes:
+def png_bytes(image: Image.Image, *, fast: bool = False) -> bytes:
+    """The one PNG encoder. PIL writes no timestamp, so equal pixels give equal bytes (class-image
+    checksums rely on it). `fast` (zlib level 1) is for the request path, where latency matters
+    more than a few kilobytes."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1 if fast else 6)
     return buf.getvalue()

@@ -2,7 +2,7 @@
 
 - `tiny`, `tiny-inpainting` — the built-in tiny models (raybooth.platform.tiny)
 - a local directory in diffusers layout
-- `models:/NAME@ALIAS`, `models:/NAME/VERSION` — the MLflow registry (raybooth.platform.registry)
+- `models:/NAME@ALIAS`, `models:/NAME/VERSION` — the MLflow registry (raybooth.platform.mlflow.refs)
 - a Hugging Face Hub id `org/name`, with revision, variant, cache dir and offline mode
 
 `resolve_model` turns a reference into a local diffusers directory (downloading or looking up the
@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import ModelError
+from raybooth.platform.lora import WEIGHTS_NAME
+from raybooth.platform.mlflow.refs import MODELS_PREFIX, resolve_registered
+from raybooth.platform.lora import WEIGHTS_NAME
 from raybooth.platform.tiny import TINY_BUILD, TINY_NAMES, tiny_model_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
-MLFLOW_PREFIX = "models:/"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 ALLOW_PICKLE_HINT = (
     "Pickle files can run arbitrary code when loaded, so raybooth loads safetensors only. If you "
@@ -68,7 +70,7 @@ def check_model_ref(ref: str, field_name: str = "model") -> str:
     if not isinstance(ref, str) or not ref.strip():
         raise ModelError("the model reference is empty", field=field_name)
     ref = ref.strip()
-    if ref in TINY_NAMES or ref.startswith(MLFLOW_PREFIX) or HUB_ID.match(ref):
+    if ref in TINY_NAMES or ref.startswith(MODELS_PREFIX) or HUB_ID.match(ref):
         return ref
     if Path(ref).expanduser().is_dir():
         return ref
@@ -100,7 +102,7 @@ def _resolve_local(ref: str, options: ModelOptions) -> ResolvedModel:
     path = Path(ref).expanduser().resolve()
     if not (path / "model_index.json").is_file():
         hint = ""
-        if (path / "pytorch_lora_weights.safetensors").is_file():
+        if (path / WEIGHTS_NAME).is_file():
             hint = " It holds a LoRA adapter: pass it with --lora and give the base model as --model."
         raise ModelError(
             f"{path} is not a diffusers pipeline directory (no model_index.json).{hint}",
@@ -156,15 +158,39 @@ def _resolve_hub(ref: str, options: ModelOptions) -> ResolvedModel:
     )
 
 
+def _resolve_registered(ref: str, options: ModelOptions) -> ResolvedModel:
+    files = resolve_registered(ref)
+    extra = {
+        "registered_model": files.name,
+        "registered_version": files.version,
+        "mlflow_run_id": files.run_id,
+        "train_mode": files.info.mode,
+    }
+    if files.lora is not None:
+        # An adapter loads onto its base model, itself any reference (a registry one too).
+        base_options = options.model_copy(update={"revision": files.info.base_revision})
+        base = resolve_model(files.info.base_model, base_options)
+        return replace(
+            base, ref=ref, kind="mlflow", revision=files.version, lora_path=files.lora,
+            extra={**base.extra, **extra, "base_model": files.info.base_model,
+                   "base_model_path": str(base.path)},
+        )
+    if files.pipeline is None:
+        raise ModelError(f"model {ref!r} (version {files.version}) has no pipeline artifact", field="model")
+    refuse_pickle(files.pipeline, options.allow_pickle)
+    return ResolvedModel(
+        ref=ref, kind="mlflow", path=files.pipeline, revision=files.version,
+        variant=options.variant, allow_pickle=options.allow_pickle, extra=extra,
+    )
+
+
 def resolve_model(ref: str, options: ModelOptions | None = None) -> ResolvedModel:
     options = options or ModelOptions()
     ref = check_model_ref(ref)
     if ref in TINY_NAMES:
         return ResolvedModel(ref=ref, kind="tiny", path=tiny_model_path(ref), revision=TINY_BUILD)
-    if ref.startswith(MLFLOW_PREFIX):
-        from raybooth.platform.registry import resolve_registered_model
-
-        return resolve_registered_model(ref, options)
+    if ref.startswith(MODELS_PREFIX):
+        return _resolve_registered(ref, options)
     if Path(ref).expanduser().is_dir():
         return _resolve_local(ref, options)
     return _resolve_hub(ref, options)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,3 +43,33 @@ def replace_into(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
     replace_into(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent, default=str)))
+
+
+@contextmanager
+def publish_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Build a folder beside `target`, then rename it into place in one step, so a reader (a Ray
+    actor, a Serve replica, another training run) never sees half of it.
+
+    Yields an empty temporary folder (readable by others: exports and models are shared). On a
+    clean exit it becomes `target`. When `target` appeared meanwhile (another process built the
+    same thing), `replace=False` keeps theirs (both built equal content), `replace=True` swaps
+    ours in. On an error the temporary folder is removed and `target` is untouched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    try:
+        yield tmp
+        if replace and target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

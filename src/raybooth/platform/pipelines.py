@@ -13,7 +13,6 @@ Not thread-safe: one call at a time per runner (Serve runs one batch at a time p
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,58 +22,13 @@ from PIL import Image
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.devices import pick_device, pick_dtype
 from raybooth.platform.errors import UserError
+from raybooth.platform.generation import GenerationParams, InpaintParams
+from raybooth.platform.lora import WEIGHTS_NAME
 from raybooth.platform.masks import blur_mask, composite, crop_box
 from raybooth.platform.models import ResolvedModel, load_components, resolve_model
-from raybooth.platform.schedulers import check_scheduler, make_scheduler
+from raybooth.platform.schedulers import make_scheduler
 
 MAX_SEED = 2**63 - 1
-
-
-@dataclass
-class GenerationParams:
-    """What must be equal for images to share one pipeline call."""
-
-    steps: int = 20
-    guidance_scale: float = 7.5
-    scheduler: str = "ddim"
-    height: int | None = None
-    width: int | None = None
-    lora: str | None = None  # an adapter name loaded with DiffusionRunner.load_lora
-
-    def check(self) -> None:
-        if self.steps < 1:
-            raise UserError(f"steps must be at least 1 (got {self.steps})", field="steps")
-        if self.guidance_scale < 0:
-            raise UserError("guidance_scale must be >= 0", field="guidance_scale")
-        check_scheduler(self.scheduler)
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise UserError(f"{name} must be a positive multiple of 8 (got {value})", field=name)
-
-
-@dataclass
-class InpaintParams(GenerationParams):
-    strength: float = 1.0
-    mask_blur: float = 0.0
-    crop_margin: int | None = None  # None: whole image; else crop to the mask with this margin
-
-    def check(self) -> None:
-        super().check()
-        if not 0.0 < self.strength <= 1.0:
-            raise UserError(f"strength must be in (0, 1] (got {self.strength})", field="strength")
-        if self.mask_blur < 0:
-            raise UserError("mask_blur must be >= 0", field="mask_blur")
-        if self.crop_margin is not None and self.crop_margin < 0:
-            raise UserError("crop_margin must be >= 0", field="crop_margin")
-
-
-@dataclass
-class Timings:
-    load_s: float = 0.0
-    inference_s: float = 0.0
-    per_image_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _generators(seeds: list[int]) -> list[torch.Generator]:
@@ -131,12 +85,12 @@ class DiffusionRunner:
     # ------------------------------------------------------------------ LoRA adapters
 
     def load_lora(self, path: str | Path, name: str | None = None) -> str:
-        """Load a DreamBooth LoRA adapter (a folder with pytorch_lora_weights.safetensors)."""
+        """Load a DreamBooth LoRA adapter (a folder with the adapter's weights file)."""
         path = Path(path)
-        weights = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+        weights = path / WEIGHTS_NAME if path.is_dir() else path
         if not weights.is_file():
             raise UserError(
-                f"LoRA adapter {path}: no pytorch_lora_weights.safetensors there (a LoRA export "
+                f"LoRA adapter {path}: no {WEIGHTS_NAME} there (a LoRA export "
                 "of `raybooth train` with train.mode=lora)",
                 field="lora",
             )
@@ -237,10 +191,9 @@ class DiffusionRunner:
                 height, width = self._size(params)
                 box = crop_box(mask, params.crop_margin, width / height)
             else:
-                # Whole image at its own size, rounded down to the multiple of 8 the VAE needs.
+                # Whole image at its own size (rounded to what the VAE needs).
                 box = (0, 0, img.size[0], img.size[1]) if mask.getbbox() else None
-                height = params.height or max(8, img.size[1] // 8 * 8)
-                width = params.width or max(8, img.size[0] // 8 * 8)
+                width, height = params.generation_size(img.size)
             crops.append(box)
             if box is None:
                 continue  # an empty mask repaints nothing
@@ -300,7 +253,3 @@ def _check_lengths(prompts: list[str], seeds: list[int], negatives: list[str] | 
         raise UserError("one seed per prompt is needed", field="seed")
     if negatives is not None and len(negatives) != len(prompts):
         raise UserError("one negative prompt per prompt is needed", field="negative_prompt")
-
-
-def params_dict(params: GenerationParams) -> dict[str, Any]:
-    return asdict(params)

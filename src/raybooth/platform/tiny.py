@@ -10,14 +10,11 @@ seconds. Their images are noise-like: the weights are random.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from raybooth.platform.paths import models_dir
+from raybooth.platform.paths import models_dir, publish_dir
 
 TINY_NAMES = ("tiny", "tiny-inpainting")
 # Bump when the architecture below changes: a different build gets a different folder.
@@ -117,19 +114,10 @@ def tiny_model_path(name: str = "tiny") -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    # Build beside the target and rename: several Ray actors may build at once, and a reader
-    # must never see a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    # Several Ray actors may build at once; a reader must never see a half-written model.
+    with publish_dir(target) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "raybooth-tiny.json").write_text(
             json.dumps({"name": name, "build": TINY_BUILD, "seed": _SEED}, indent=2)
         )
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

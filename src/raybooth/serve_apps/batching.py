@@ -11,13 +11,13 @@ the same request gives the same image alone or batched.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from raybooth.platform.pipelines import DiffusionRunner, GenerationParams, InpaintParams
+from raybooth.platform.generation import GenerationParams, InpaintParams, group_indices
+from raybooth.platform.pipelines import DiffusionRunner
 from raybooth.serve_apps.settings import INPAINTING, TEXT_TO_IMAGE
 
 
@@ -58,15 +58,11 @@ class ImageJob:
 
     def group_key(self) -> tuple:
         """Everything that must be equal for two jobs to share one pipeline call."""
-        key: tuple = (self.task, self.subject, self.steps, float(self.guidance_scale), self.scheduler,
-                      self.height, self.width)
-        if self.task == INPAINTING:
-            key += (float(self.strength), float(self.mask_blur), self.crop_margin)
-            if self.crop_margin is None and (self.height is None or self.width is None):
-                # Whole-image inpainting generates at the image's own size (rounded to 8).
-                assert self.image is not None
-                w, h = self.image.size
-                key += (max(8, w // 8 * 8), max(8, h // 8 * 8))
+        params = self.params(lora=None)
+        key: tuple = (self.subject, *params.key())
+        if isinstance(params, InpaintParams) and self.image is not None:
+            # Whole-image inpainting generates at the image's own (rounded) size.
+            key += (params.generation_size(self.image.size),)
         return key
 
     def split(self, size: int) -> list["ImageJob"]:
@@ -104,10 +100,7 @@ def images_in(jobs: list[ImageJob]) -> int:
 
 def group_jobs(jobs: list[ImageJob]) -> list[list[int]]:
     """Indices of `jobs` per group, groups in order of their first job (first come, first run)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(job.group_key(), []).append(i)
-    return list(groups.values())
+    return group_indices(job.group_key() for job in jobs)
 
 
 def run_group(runner: DiffusionRunner, jobs: list[ImageJob], lora: str | None) -> list[list[Image.Image]]:
@@ -131,13 +124,6 @@ def run_group(runner: DiffusionRunner, jobs: list[ImageJob], lora: str | None) -
         out.append(images[k : k + job.n])
         k += job.n
     return out
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    # compress_level 1: PNG encoding is on the request path; size matters less than latency.
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def merge_results(parts: list[JobResult]) -> JobResult:

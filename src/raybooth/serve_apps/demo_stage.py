@@ -15,7 +15,6 @@ import socket
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np

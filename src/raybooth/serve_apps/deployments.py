@@ -29,7 +29,10 @@ from ray import serve
 
 from raybooth.platform.config import Section, validate_config
 from raybooth.platform.errors import ConfigError, UserError
+from raybooth.platform.generation import GENERATION_DEFAULTS
+from raybooth.platform.images import png_bytes
 from raybooth.platform.lora import WEIGHTS_NAME
+from raybooth.platform.mlflow.refs import MODELS_PREFIX as MLFLOW_PREFIX
 from raybooth.platform.pipelines import DiffusionRunner
 from raybooth.serve_apps.batching import (
     ImageJob,
@@ -37,7 +40,6 @@ from raybooth.serve_apps.batching import (
     group_jobs,
     images_in,
     merge_results,
-    png_bytes,
     run_group,
 )
 from raybooth.serve_apps.settings import INPAINTING, TEXT_TO_IMAGE, ModelSpec
@@ -217,7 +219,7 @@ class ImageModel:
         for job, job_images, q in zip(group, images, queue):
             w, h = job_images[0].size
             out.append(JobResult(
-                images=[png_bytes(img) for img in job_images], seeds=list(job.seeds), width=w, height=h,
+                images=[png_bytes(img, fast=True) for img in job_images], seeds=list(job.seeds), width=w, height=h,
                 batch_size=batch_images, group_size=group_images, queue_s=q, inference_s=seconds,
                 replica=self.replica, model=model,
             ))
@@ -302,15 +304,15 @@ class ImageModel:
         from PIL import Image, ImageDraw
 
         size = self.runner.default_size
+        shared = dict(guidance_scale=GENERATION_DEFAULTS.guidance_scale, scheduler=GENERATION_DEFAULTS.scheduler)
         if self.TASK == TEXT_TO_IMAGE:
-            job = ImageJob(task=self.TASK, prompt="warm-up", seeds=[0], steps=steps, guidance_scale=7.5,
-                           scheduler="ddim")
+            job = ImageJob(task=self.TASK, prompt="warm-up", seeds=[0], steps=steps, **shared)
         else:
             image = Image.new("RGB", (size, size), (128, 128, 128))
             mask = Image.new("L", (size, size), 0)
             ImageDraw.Draw(mask).rectangle([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=255)
-            job = ImageJob(task=self.TASK, prompt="warm-up", seeds=[0], steps=steps, guidance_scale=7.5,
-                           scheduler="ddim", image=image, mask=mask)
+            job = ImageJob(task=self.TASK, prompt="warm-up", seeds=[0], steps=steps, **shared,
+                           image=image, mask=mask)
         t0 = time.perf_counter()
         with self._pipeline():
             run_group(self.runner, [job], self.base_lora)
@@ -320,7 +322,7 @@ class ImageModel:
 def _check_subject_ref(subject: str, ref: str) -> None:
     """At start-up, without I/O beyond the local disk: fail the deployment on a subject that can
     never load, rather than the first request for it."""
-    if ref.startswith("models:/"):
+    if ref.startswith(MLFLOW_PREFIX):
         return
     path = Path(ref).expanduser()
     if not (path / WEIGHTS_NAME).is_file() and not (path.is_file() and path.suffix == ".safetensors"):
@@ -332,7 +334,7 @@ def _check_subject_ref(subject: str, ref: str) -> None:
 
 
 def _subject_path(subject: str, ref: str, spec: ModelSpec) -> Path:
-    if not ref.startswith("models:/"):
+    if not ref.startswith(MLFLOW_PREFIX):
         return Path(ref).expanduser()
     from raybooth.platform.models import resolve_model
 
@@ -340,7 +342,7 @@ def _subject_path(subject: str, ref: str, spec: ModelSpec) -> Path:
     if resolved.lora_path is None:
         raise UserError(
             f"subject {subject!r}: {ref} is a full model, not a LoRA adapter; serve it as its own "
-            "model (a `text_to_image:` entry with model: {ref})",
+            f"model (a `text_to_image:` entry with model: {ref})",
             field="subjects",
         )
     return Path(resolved.lora_path)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from raybooth.platform.config import ModelOptions, Section, validate_config
+from raybooth.platform.generation import GENERATION_DEFAULTS
 
 TEXT_TO_IMAGE = "text-to-image"
 INPAINTING = "inpainting"
@@ -118,9 +119,9 @@ class AuthSettings(Section):
 class Defaults(Section):
     """Request defaults for fields a client leaves out."""
 
-    steps: int = Field(default=20, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=0)
-    scheduler: str = "ddim"
+    steps: int = Field(default=GENERATION_DEFAULTS.steps, ge=1)
+    guidance_scale: float = Field(default=GENERATION_DEFAULTS.guidance_scale, ge=0)
+    scheduler: str = GENERATION_DEFAULTS.scheduler
 
 
 class AppArgs(Section):

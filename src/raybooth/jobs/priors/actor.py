@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -11,13 +10,7 @@ from typing import Any
 from raybooth.jobs.priors.spec import PriorSpec, seed_for
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import ModelError, UserError
-
-
-def encode_png(image: Any) -> bytes:
-    # PIL writes no timestamp into PNGs: equal pixels give equal bytes, which the checksums need.
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+from raybooth.platform.images import png_bytes
 
 
 class ClassImageActor:
@@ -79,7 +72,7 @@ class ClassImageActor:
         negatives = [self.spec.negative_prompt] * len(indices) if self.spec.negative_prompt else None
         images = self.runner.text_to_image(prompts, seeds, self.params, negatives)
         wanted = set(keep)
-        return [(i, encode_png(img)) for i, img in zip(indices, images) if i in wanted]
+        return [(i, png_bytes(img)) for i, img in zip(indices, images) if i in wanted]
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from typing import Any
 
 from raybooth.platform.config import ModelOptions, TrainConfig
 from raybooth.platform.errors import ConfigError, ModelError
+from raybooth.platform.mlflow.refs import MODELS_PREFIX as MLFLOW_PREFIX
 from raybooth.platform.models import ResolvedModel, resolve_model
-from raybooth.platform.pipelines import GenerationParams
+from raybooth.platform.generation import GenerationParams
 from raybooth.platform.schedulers import check_scheduler
 
 # Bump when the way images are made changes (seeding, block layout, encoding): a new identity.
@@ -111,8 +112,8 @@ def _pinned_ref(resolved: ResolvedModel) -> str:
         return str(resolved.path)
     if resolved.kind == "mlflow" and resolved.revision and "@" in resolved.ref:
         # An alias can move while the job runs; the version it pointed at cannot.
-        name = resolved.ref.removeprefix("models:/").split("@", 1)[0]
-        return f"models:/{name}/{resolved.revision}"
+        name = resolved.ref.removeprefix(MLFLOW_PREFIX).split("@", 1)[0]
+        return f"{MLFLOW_PREFIX}{name}/{resolved.revision}"
     return resolved.ref
 
 

@@ -2,48 +2,36 @@
 
 - full mode: a complete diffusers pipeline directory `<run_dir>/model` (the base model's VAE,
   tokenizer and scheduler with the trained UNet and text encoder), safetensors only;
-- LoRA mode: the adapter `<run_dir>/lora` (`pytorch_lora_weights.safetensors` in the format
-  diffusers' `load_lora_weights` reads, plus `raybooth_lora.json` naming the base model).
+- LoRA mode: the adapter `<run_dir>/lora` (the weights file raybooth.platform.lora names, in the
+  format diffusers' `load_lora_weights` reads, plus `raybooth_lora.json` naming the base model).
 
 Both are written beside the target and renamed into place, so a reader never sees half an export.
+What the driver gets back is an `Export` (raybooth.jobs.train.handoff).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from raybooth.jobs.train.checkpoints import load_checkpoint
+from raybooth.jobs.train.handoff import Export
 from raybooth.jobs.train.model import load_trainable_state, quiet_libraries
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.lora import add_lora, save_lora_adapter
 from raybooth.platform.models import ResolvedModel, load_components
+from raybooth.platform.paths import publish_dir
 
 MODEL_DIR = "model"
 LORA_DIR = "lora"
 EXPORT_RECORD = "raybooth_export.json"
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_checkpoint(config: TrainConfig, resolved: ResolvedModel, checkpoint_dir: str | Path,
-                      run_dir: str | Path) -> dict[str, Any]:
-    """Write the export of `checkpoint_dir`; returns {"model_path", "lora_path", "step"}."""
+                      run_dir: str | Path) -> Export:
+    """Write the export of `checkpoint_dir` into `run_dir` and say what it is."""
     t = config.train
     run_dir = Path(run_dir)
     state = load_checkpoint(checkpoint_dir)
@@ -59,9 +47,8 @@ def export_checkpoint(config: TrainConfig, resolved: ResolvedModel, checkpoint_d
         "instance_prompt": config.subject.instance_prompt,
         "identifier": config.subject.identifier,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an export is for others (Serve, MLflow) to read
-    try:
+    target = run_dir / (MODEL_DIR if t.mode == "full" else LORA_DIR)
+    with publish_dir(target, replace=True) as tmp:
         if t.mode == "full":
             unet.requires_grad_(True)  # load_trainable_state copies what is trainable: all of it
             load_trainable_state(unet, state.weights["unet"], "unet")
@@ -75,22 +62,18 @@ def export_checkpoint(config: TrainConfig, resolved: ResolvedModel, checkpoint_d
             )
             pipe.save_pretrained(tmp, safe_serialization=True)
             (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
-            target = run_dir / MODEL_DIR
-            _swap_into_place(tmp, target)
-            return {"model_path": str(target), "lora_path": None, "step": state.step}
 
-        for module in (unet, text_encoder):
-            module.requires_grad_(False)
-        add_lora(unet, text_encoder if t.train_text_encoder else None, rank=t.lora_rank, alpha=t.lora_alpha)
-        load_trainable_state(unet, state.weights["unet"], "unet")
-        if t.train_text_encoder:
-            load_trainable_state(text_encoder, state.weights["text_encoder"], "text_encoder")
-        save_lora_adapter(
-            tmp, unet, text_encoder if t.train_text_encoder else None,
-            metadata={**record, "lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha or t.lora_rank},
-        )
-        target = run_dir / LORA_DIR
-        _swap_into_place(tmp, target)
-        return {"model_path": str(target), "lora_path": str(target), "step": state.step}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            for module in (unet, text_encoder):
+                module.requires_grad_(False)
+            add_lora(unet, text_encoder if t.train_text_encoder else None, rank=t.lora_rank, alpha=t.lora_alpha)
+            load_trainable_state(unet, state.weights["unet"], "unet")
+            if t.train_text_encoder:
+                load_trainable_state(text_encoder, state.weights["text_encoder"], "text_encoder")
+            save_lora_adapter(
+                tmp, unet, text_encoder if t.train_text_encoder else None,
+                metadata={**record, "lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha or t.lora_rank},
+            )
+    if t.mode == "full":
+        return {"model_path": str(target), "lora_path": None, "step": state.step}
+    return {"model_path": str(target), "lora_path": str(target), "step": state.step}

@@ -1,10 +1,11 @@
 """Driver-side checks of a training run, before any Ray Train worker (or GPU) is taken.
 
 Each failure is a UserError that names the field or file and says what to do: an instance image
-that does not decode, an empty folder, a prompt without the identifier, a resolution that is not a
-multiple of 8, a model that cannot be resolved, options the hardware cannot do, more workers than
-the cluster can place (an error rather than a run that waits forever), and a run folder that
-already holds checkpoints when no resume was asked for (so nothing done is lost by accident).
+that does not decode, an empty folder, a model that cannot be resolved, options the hardware
+cannot do, more workers than the cluster can place (an error rather than a run that waits
+forever), and a run folder that already holds checkpoints when no resume was asked for (so
+nothing done is lost by accident). Rules that need no files (the identifier in the prompt, the
+resolution) are the config schema's.
 """
 
 from __future__ import annotations
@@ -53,13 +54,8 @@ def check_instance_images(config: TrainConfig) -> list[Path]:
 
 def check_inputs(config: TrainConfig) -> TrainInputs:
     s, t = config.subject, config.train
-    if s.identifier not in s.instance_prompt.split():
-        raise ConfigError(
-            f"subject.instance_prompt {s.instance_prompt!r} does not contain the identifier "
-            f"{s.identifier!r}", field="subject.instance_prompt",
-        )
-    if t.resolution % 8:
-        raise ConfigError(f"train.resolution must be a multiple of 8 (got {t.resolution})", field="train.resolution")
+    # The identifier-in-prompt and resolution rules live in the schema (platform.config), which
+    # already ran when the config was loaded; what is checked here needs files, models or Ray.
     if config.priors.enabled and not s.class_prompt.strip():
         raise ConfigError("subject.class_prompt is empty but priors.enabled is true", field="subject.class_prompt")
     if t.mixed_precision == "fp16" and not config.scaling.use_gpu:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from raybooth.platform.generation import GENERATION_DEFAULTS
 from raybooth.platform.schedulers import make_scheduler
 
 
@@ -32,7 +33,7 @@ def validation_grid(unet, vae, text_encoder, tokenizer, scheduler_config, prompt
 
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=make_scheduler("ddim", scheduler_config),
+        scheduler=make_scheduler(GENERATION_DEFAULTS.scheduler, scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -45,7 +46,8 @@ def validation_grid(unet, vae, text_encoder, tokenizer, scheduler_config, prompt
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = pipe(
-                    prompt=list(prompts), num_inference_steps=steps, guidance_scale=7.5,
+                    prompt=list(prompts), num_inference_steps=steps,
+                    guidance_scale=GENERATION_DEFAULTS.guidance_scale,
                     height=resolution, width=resolution, generator=generators, output_type="pil",
                 )
     finally:
