@@ -30,8 +30,14 @@ PART_COMMANDS: dict[str, tuple[str, str]] = {
     "priors": ("raybooth.jobs.priors.job:register",
                "make the class images for prior preservation (pool of Ray actors)"),
     "train": ("raybooth.jobs.train.driver:register", "DreamBooth fine-tuning on Ray Train"),
+    "evaluate": ("raybooth.jobs.evaluate.command:register",
+                 "subject fidelity as in the DreamBooth paper: DINO, CLIP-I, CLIP-T (Ray actors)"),
     "serve": ("raybooth.serve_apps.command:register",
               "run the Serve app (text-to-image and inpainting over HTTP) in the foreground"),
+    "submit": ("raybooth.jobs.submit.command:register_submit",
+               "run train/tune/evaluate/priors as a Ray job on a cluster (follows its logs)"),
+    "jobs": ("raybooth.jobs.submit.command:register_jobs",
+             "list, follow and stop the jobs on a Ray cluster"),
 }
 
 
@@ -197,20 +203,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    # Per-component loading bars from diffusers/transformers drown the command's own output.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    _quiet_libraries()
     try:
         result = args.func(args)
     except UserError as exc:

@@ -11,6 +11,7 @@ from raybooth.jobs.priors.spec import PriorSpec, seed_for
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import ModelError, UserError
 from raybooth.platform.images import png_bytes
+from raybooth.platform.quiet import quiet_libraries
 
 
 class ClassImageActor:
@@ -21,16 +22,13 @@ class ClassImageActor:
     """
 
     def __init__(self, spec: PriorSpec, options: ModelOptions):
-        import diffusers.utils.logging
         import torch
-        import transformers.utils.logging
 
         from raybooth.platform.pipelines import DiffusionRunner
 
         # The driver shows the one progress bar that matters; load bars from every actor would
         # interleave with it.
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+        quiet_libraries()
         if spec.cpu_threads:
             # Exactly the threads the set's identity says (they change the low bits of the
             # pixels), which are also the CPUs this actor reserved.

@@ -14,6 +14,7 @@ from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import ConfigError
 from raybooth.platform.lora import add_lora
 from raybooth.platform.models import ResolvedModel, load_components
+from raybooth.platform.quiet import quiet_libraries
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,17 +33,6 @@ class TrainModels:
         return [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
 
 
-def quiet_libraries() -> None:
-    """No per-component loading bars or dtype notes in every worker's log."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
 def load_train_models(config: TrainConfig, resolved: ResolvedModel, device: torch.device,
                       weight_dtype: torch.dtype = torch.float32) -> TrainModels:
     """Load the base model and make the parts that train trainable.
@@ -55,7 +45,7 @@ def load_train_models(config: TrainConfig, resolved: ResolvedModel, device: torc
     from diffusers import DDPMScheduler
 
     t = config.train
-    quiet_libraries()
+    quiet_libraries(errors_only=True)
     comps = load_components(resolved)
     unet, vae, text_encoder = comps["unet"], comps["vae"], comps["text_encoder"]
     # Training uses the DDPM forward process with the base model's noise schedule.
