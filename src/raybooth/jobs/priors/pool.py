@@ -1,10 +1,14 @@
-"""A pool of class-image actors that stays busy until every block of work is done.
+"""A pool of Ray actors that stays busy until every block of work is done.
 
-Work is a set of index blocks. Each actor holds up to `depth` blocks in flight (its calls run one
-after another), so it starts the next batch while the driver is still writing the last one. When
-an actor dies (node lost, OOM, `ray.kill`), its outstanding blocks go back to the front of the
-queue and a fresh actor takes its slot; a block is only ever returned by one successful call, so
-nothing is lost or produced twice.
+Work is a set of blocks ({key: payload}); an actor method turns one block into a result. Each
+actor holds up to `depth` blocks in flight (its calls run one after another), so it starts the
+next batch while the driver is still handling the last one. When an actor dies (node lost, OOM,
+`ray.kill`), its outstanding blocks go back to the front of the queue and a fresh actor takes its
+slot; a block is only ever returned by one successful call, so nothing is lost or produced twice.
+
+`ActorPool` is the machinery (any actor class with a `ready()` method and a work method);
+`PriorPool` is it over `ClassImageActor` for class images. The evaluation job
+(raybooth.jobs.evaluate) runs its generate-and-embed actors on the same pool.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from raybooth.jobs.priors.spec import PriorSpec
 from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import UserError
 
-ResultHandler = Callable[[list[tuple[int, bytes]]], None]
+ResultHandler = Callable[[Any], None]
 
 
 class PriorGenerationError(RuntimeError):
     """The pool cannot finish: actors keep dying or cannot load the model."""
+
+
+# The name a shared pool's callers know the error by.
+ActorPoolError = PriorGenerationError
 
 
 @dataclass
@@ -35,25 +43,40 @@ class _Slot:
     blocks: list[int] = field(default_factory=list)  # blocks in flight on this actor
 
 
-class PriorPool:
+class ActorPool:
+    """Actors of one class, each built with the same arguments, kept busy with blocks of work.
+
+    `what` names the actors in errors ("class-image"); `model_ref` is what they load; an
+    out-of-memory error in a call becomes a UserError with `oom_advice` naming `oom_field`.
+    """
+
     def __init__(
         self,
-        spec: PriorSpec,
-        options: ModelOptions,
+        actor_class: type,
+        args: tuple,
         plan: ActorPlan,
         *,
+        method: str,
+        what: str,
+        model_ref: str,
+        oom_advice: str,
+        oom_field: str,
         depth: int = 2,
         max_replacements: int | None = None,
     ):
-        self.spec = spec
-        self.options = options
+        self.args = args
         self.plan = plan
+        self.method = method
+        self.what = what
+        self.model_ref = model_ref
+        self.oom_advice = oom_advice
+        self.oom_field = oom_field
         self.depth = max(1, depth)
         self.max_replacements = (
             max_replacements if max_replacements is not None else 2 * plan.num_actors + 2
         )
         self.replacements = 0
-        self._remote = ray.remote(ClassImageActor)
+        self._remote = ray.remote(actor_class)
         self.slots = [_Slot(actor=self._start()) for _ in range(plan.num_actors)]
 
     # ------------------------------------------------------------------ actors
@@ -61,12 +84,12 @@ class PriorPool:
     def _start(self) -> Any:
         return self._remote.options(
             num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus
-        ).remote(self.spec, self.options)
+        ).remote(*self.args)
 
     def _replace(self, slot: _Slot, cause: BaseException) -> None:
         if self.replacements >= self.max_replacements:
             raise PriorGenerationError(
-                f"class-image actors died {self.replacements + 1} times; giving up. Last error: "
+                f"{self.what} actors died {self.replacements + 1} times; giving up. Last error: "
                 f"{_first_line(cause)}"
             )
         self.replacements += 1
@@ -99,9 +122,10 @@ class PriorPool:
 
     # ------------------------------------------------------------------ work
 
-    def run(self, work: dict[int, list[int]], on_result: ResultHandler) -> None:
-        """Generate every block in `work` ({block: indices to keep}); call `on_result` on the
-        driver with each block's (index, png bytes) as it arrives."""
+    def run(self, work: dict[Any, Any], on_result: ResultHandler) -> None:
+        """Call the work method on every block in `work` ({key: payload}, as
+        `method(key, payload)`); call `on_result` on the driver with each block's result as it
+        arrives."""
         pending = collections.deque(sorted(work))
         inflight: dict[Any, tuple[_Slot, int, int]] = {}  # ref -> (slot, generation, block)
 
@@ -111,7 +135,7 @@ class PriorPool:
                 for slot in self.slots:
                     if pending and len(slot.blocks) < self.depth:
                         block = pending.popleft()
-                        ref = slot.actor.generate.remote(block, work[block])
+                        ref = getattr(slot.actor, self.method).remote(block, work[block])
                         inflight[ref] = (slot, slot.generation, block)
                         slot.blocks.append(block)
 
@@ -125,7 +149,7 @@ class PriorPool:
             except RayActorError as exc:
                 if _creation_failed(exc):
                     raise PriorGenerationError(
-                        f"a class-image actor could not load model {self.spec.model_ref!r}: "
+                        f"a {self.what} actor could not load model {self.model_ref!r}: "
                         f"{_first_line(exc)}"
                     ) from None
                 if block in slot.blocks:
@@ -142,16 +166,43 @@ class PriorPool:
                     raise exc.cause from None
                 if "out of memory" in str(exc).lower():
                     raise UserError(
-                        f"class-image generation ran out of memory ({_first_line(exc.cause or exc)}): "
-                        "lower priors.batch_size, or give each actor a whole GPU "
-                        "(priors.gpus_per_actor: 1)",
-                        field="priors.batch_size",
+                        f"{self.what} generation ran out of memory ({_first_line(exc.cause or exc)}): "
+                        f"{self.oom_advice}",
+                        field=self.oom_field,
                     ) from None
                 raise
             if block in slot.blocks:
                 slot.blocks.remove(block)
             on_result(results)
             fill()
+
+
+class PriorPool(ActorPool):
+    """Class-image actors (`ClassImageActor.generate(block, keep)` -> [(index, png bytes)])."""
+
+    def __init__(
+        self,
+        spec: PriorSpec,
+        options: ModelOptions,
+        plan: ActorPlan,
+        *,
+        depth: int = 2,
+        max_replacements: int | None = None,
+    ):
+        self.spec = spec
+        self.options = options
+        super().__init__(
+            ClassImageActor,
+            (spec, options),
+            plan,
+            method="generate",
+            what="class-image",
+            model_ref=spec.model_ref,
+            oom_advice="lower priors.batch_size, or give each actor a whole GPU (priors.gpus_per_actor: 1)",
+            oom_field="priors.batch_size",
+            depth=depth,
+            max_replacements=max_replacements,
+        )
 
 
 def _creation_failed(exc: RayActorError) -> bool:
