@@ -20,18 +20,20 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from _mlflow_server import free_port, shared_server
 from PIL import Image
 
-from _mlflow_server import free_port, shared_server
 from raybooth.cli import main as cli
+from raybooth.jobs.train.handoff import Export, TrainingSummary
+from raybooth.jobs.train.register import register_training
+from raybooth.jobs.train.tracking import start_training_run
 from raybooth.platform.config import TrainConfig, with_overrides
 from raybooth.platform.errors import ModelError
-from raybooth.platform.mlflow_model import decode_png
+from raybooth.platform.generation import GenerationParams
+from raybooth.platform.mlflow.pyfunc import decode_png
+from raybooth.platform.mlflow.runs import RunTracker
 from raybooth.platform.models import resolve_model
 from raybooth.platform.pipelines import DiffusionRunner
-from raybooth.platform.generation import GenerationParams
-from raybooth.platform.registry import log_and_register
-from raybooth.platform.tracking import RunTracker
 
 STEPS = 2
 
@@ -74,7 +76,7 @@ def lora_export(tmp_path_factory, tiny_path) -> Path:
 
 def _train_run(config: TrainConfig, tmp: Path) -> tuple[str, RunTracker]:
     """A tracked run as the training driver leaves it: params, a loss history, ended."""
-    tracker = RunTracker.for_driver(config, tmp / config.run.name)
+    tracker = start_training_run(config, tmp / config.run.name)
     for step in range(1, 4):
         tracker.log_metrics({"loss": 1.0 / step}, step=step)
     assert tracker.flush(30)
@@ -83,14 +85,16 @@ def _train_run(config: TrainConfig, tmp: Path) -> tuple[str, RunTracker]:
 
 def _register(config, tmp, export: Path) -> dict:
     run_id, tracker = _train_run(config, tmp)
-    mode = config.train.mode
-    summary = {"mode": mode, "base_model": "tiny", "steps": 3, "final_loss": 0.333,
-               "model_path": str(export), "lora_path": str(export) if mode == "lora" else None,
-               "class_image_set": "set-1"}
-    result = log_and_register(config, run_id, summary)
+    summary = TrainingSummary(
+        run_dir=tmp / config.run.name,
+        export=Export(mode=config.train.mode, path=export, step=3, base_model="tiny"),
+        final_loss=0.333, final_metrics={}, checkpoint=tmp / "checkpoint-000003", resumed_from=None,
+        num_workers=1, class_image_set="set-1", class_images_dir=None, validation_images=[],
+        mlflow_run_id=run_id, registration=None, train_seconds=1.0,
+    )
+    registration = register_training(config, summary)
     tracker.end()
-    result["run_id"] = run_id
-    return result
+    return {**registration.to_json(), "run_id": run_id}
 
 
 def _tiny_image(prompt: str, seed: int) -> np.ndarray:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from _mlflow_server import free_port, shared_server
 from PIL import Image
 
-from _mlflow_server import free_port, shared_server
+from raybooth.jobs.train.tracking import start_training_run
 from raybooth.platform.config import TrainConfig, flatten, with_overrides
-from raybooth.platform.tracking import RUN_RECORD, RunTracker
+from raybooth.platform.mlflow.runs import RUN_RECORD, RunTracker
 
 
 def _client(uri: str):
@@ -50,7 +51,7 @@ def test_embedded_default_records_params_tags_metrics_and_images(tmp_path, raybo
     # Nothing configured at all: the run goes to SQLite in $RAYBOOTH_HOME, artifacts beside it.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = _config()
-    tracker = RunTracker.for_driver(config, tmp_path / "run")
+    tracker = start_training_run(config, tmp_path / "run")
     assert tracker.run_id is not None
     assert tracker.tracking_uri == f"sqlite:///{raybooth_home / 'mlflow.db'}"
     record = json.loads((tmp_path / "run" / RUN_RECORD).read_text())
@@ -96,12 +97,12 @@ def test_embedded_default_records_params_tags_metrics_and_images(tmp_path, raybo
 def test_restarted_driver_continues_the_same_run(tmp_path):
     config = _config(**{"tracking.experiment": "reuse-test"})
     run_dir = tmp_path / "run"
-    first = RunTracker.for_driver(config, run_dir)
+    first = start_training_run(config, run_dir)
     first.log_metrics({"loss": 1.0}, step=1)
     first.flush()
     # The driver died without ending the run; the restarted job (resume) must continue it.
     resumed_config = with_overrides(config, {"run.resume_from": "latest"})
-    second = RunTracker.for_driver(resumed_config, run_dir)
+    second = start_training_run(resumed_config, run_dir)
     assert second.run_id == first.run_id and second.reused
     second.log_metrics({"loss": 0.5}, step=2)
     second.end()
@@ -116,14 +117,14 @@ def test_restarted_driver_continues_the_same_run(tmp_path):
     assert run.info.status == "FINISHED"
 
     # A finished job started again from scratch (no resume) is a new run.
-    third = RunTracker.for_driver(config, run_dir)
+    third = start_training_run(config, run_dir)
     assert third.run_id != first.run_id
     third.end()
     assert json.loads((run_dir / RUN_RECORD).read_text())["run_id"] == third.run_id
 
 
 def test_disabled_tracking_is_a_no_op(tmp_path):
-    tracker = RunTracker.for_driver(_config(**{"tracking.enabled": False}), tmp_path / "run")
+    tracker = start_training_run(_config(**{"tracking.enabled": False}), tmp_path / "run")
     assert tracker.run_id is None and not tracker.enabled
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.log_image(Image.new("RGB", (4, 4)), "validation/x.png")
@@ -138,8 +139,8 @@ def test_disabled_tracking_is_a_no_op(tmp_path):
 def test_unreachable_server_warns_and_training_goes_on(tmp_path, caplog):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="raybooth.tracking"):
-        tracker = RunTracker.for_driver(_config(**{"tracking.tracking_uri": uri}), tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="raybooth.mlflow"):
+        tracker = start_training_run(_config(**{"tracking.tracking_uri": uri}), tmp_path / "run")
     assert time.monotonic() - t0 < 15
     assert tracker.run_id is None
     assert any("not reachable" in r.getMessage() and uri in r.getMessage() for r in caplog.records)
@@ -149,15 +150,15 @@ def test_unreachable_server_warns_and_training_goes_on(tmp_path, caplog):
 
 @pytest.mark.timeout(60)
 def test_bad_values_are_warned_not_raised(tmp_path, caplog):
-    tracker = RunTracker.for_driver(_config(), tmp_path / "run")
-    with caplog.at_level(logging.WARNING, logger="raybooth.tracking"):
+    tracker = start_training_run(_config(), tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="raybooth.mlflow"):
         tracker.log_metrics({"loss": "not a number"}, step=1)
         tracker.log_image("not an image", "validation/x.png")
         tracker.log_image(Image.new("RGB", (4, 4)), "../escape.png")
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "loss" in messages and "validation/x.png" in messages and "escape" in messages
     assert tracker.flush(30)
-    with caplog.at_level(logging.WARNING, logger="raybooth.tracking"):
+    with caplog.at_level(logging.WARNING, logger="raybooth.mlflow"):
         # MLflow params are immutable: the store refuses a new value for good. That must be
         # dropped with a warning, not retried forever in front of everything logged after it.
         tracker.log_params({"train.max_steps": "999", "custom.note": "kept"})
@@ -179,7 +180,7 @@ def test_bad_values_are_warned_not_raised(tmp_path, caplog):
 @pytest.mark.timeout(120)
 def test_tracking_through_a_real_server_with_proxied_artifacts(tmp_path, server):
     config = _config(**{"tracking.tracking_uri": server.url})
-    tracker = RunTracker.for_driver(config, tmp_path / "run")
+    tracker = start_training_run(config, tmp_path / "run")
     assert tracker.run_id and tracker.tracking_uri == server.url
     worker = RunTracker.attach(server.url, tracker.run_id)
     for step in range(3):
@@ -197,7 +198,7 @@ def test_tracking_through_a_real_server_with_proxied_artifacts(tmp_path, server)
 
 @pytest.mark.timeout(180)
 def test_server_stopped_and_restarted_while_logging(tmp_path, server, caplog):
-    tracker = RunTracker.for_driver(_config(**{"tracking.tracking_uri": server.url}), tmp_path / "run")
+    tracker = start_training_run(_config(**{"tracking.tracking_uri": server.url}), tmp_path / "run")
     worker = RunTracker.attach(server.url, tracker.run_id)
     slowest = 0.0
     step = 0
@@ -213,7 +214,7 @@ def test_server_stopped_and_restarted_while_logging(tmp_path, server, caplog):
             step += 1
             time.sleep(0.02)
 
-    with caplog.at_level(logging.WARNING, logger="raybooth.tracking"):
+    with caplog.at_level(logging.WARNING, logger="raybooth.mlflow"):
         log_steps(20)
         server.stop()
         log_steps(40)  # the training loop goes on while the server is down
@@ -243,7 +244,7 @@ def test_server_stopped_and_restarted_while_logging(tmp_path, server, caplog):
 @pytest.mark.timeout(120)
 def test_mlflow_ui_command_serves_the_embedded_store(tmp_path, raybooth_home, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # nothing configured: the embedded default
-    RunTracker.for_driver(_config(**{"tracking.experiment": "ui-test"}), tmp_path / "run").end()
+    start_training_run(_config(**{"tracking.experiment": "ui-test"}), tmp_path / "run").end()
     port = free_port()
     log_path = tmp_path / "ui.log"
     with open(log_path, "wb") as log:
@@ -271,7 +272,7 @@ def test_mlflow_ui_command_serves_the_embedded_store(tmp_path, raybooth_home, mo
 
 @pytest.mark.timeout(120)
 def test_restarted_worker_and_backfill_keep_one_point_per_step(tmp_path):
-    tracker = RunTracker.for_driver(_config(**{"tracking.experiment": "dedup-test"}), tmp_path / "run")
+    tracker = start_training_run(_config(**{"tracking.experiment": "dedup-test"}), tmp_path / "run")
     first = RunTracker.attach(tracker.tracking_uri, tracker.run_id)
     for step in range(1, 6):
         first.log_metrics({"loss": float(step)}, step=step)

@@ -26,9 +26,11 @@ from PIL import Image
 from _mlflow_server import shared_server
 from raybooth.cli import main as cli
 from raybooth.jobs.train.driver import run_training
+from raybooth.jobs.train.handoff import TrainingSummary
 from raybooth.jobs.train.metrics import read_records, step_metrics
 from raybooth.platform.config import TrainConfig, flatten, with_overrides
-from raybooth.platform.mlflow_model import decode_png
+from raybooth.platform.lora import WEIGHTS_NAME
+from raybooth.platform.mlflow.pyfunc import decode_png
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 8
@@ -90,9 +92,9 @@ def _registered_checkpoint(run_dir: Path) -> bool:
         return False
 
 
-def _check_run(client, summary: dict, config: TrainConfig) -> None:
+def _check_run(client, summary: TrainingSummary, config: TrainConfig) -> None:
     """What every tracked training must leave in MLflow."""
-    run_id = summary["mlflow_run_id"]
+    run_id = summary.mlflow_run_id
     max_steps = config.train.max_steps
     runs = client.search_runs(
         [client.get_experiment_by_name("train-e2e").experiment_id],
@@ -106,7 +108,7 @@ def _check_run(client, summary: dict, config: TrainConfig) -> None:
     for key in METRICS:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(1, max_steps + 1)), key  # one point per step
-    local = step_metrics(summary["run_dir"])
+    local = step_metrics(summary.run_dir)
     history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert history == pytest.approx({s: r["loss"] for s, r in local.items()})
     files = sorted(a.path for a in client.list_artifacts(run_id, "validation"))
@@ -118,13 +120,13 @@ def _check_run(client, summary: dict, config: TrainConfig) -> None:
     # Registered, with the alias, and summary.json says so.
     name = config.tracking.register_as
     version = client.get_model_version_by_alias(name, "candidate")
-    assert str(version.version) == summary["registered_version"]
+    assert str(version.version) == summary.registration.registered_version
     assert version.run_id == run_id and version.tags["run_id"] == run_id
     assert float(version.tags["metric.loss"]) == pytest.approx(local[max_steps]["loss"], rel=1e-4)
-    on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
-    assert on_disk["mlflow_run_id"] == run_id
-    assert (on_disk["registered_model"], on_disk["registered_version"]) == (name, summary["registered_version"])
-    assert on_disk["model_uri"] == f"models:/{name}@candidate"
+    on_disk = TrainingSummary.read(summary.run_dir / "summary.json")
+    assert on_disk == summary and on_disk.mlflow_run_id == run_id
+    assert on_disk.registration.registered_model == name
+    assert on_disk.model_uri == f"models:/{name}@candidate"
 
 
 def _generate(model: str, out: Path) -> np.ndarray:
@@ -168,12 +170,12 @@ def test_tracked_training_with_the_logging_worker_killed(ray_local, tmp_path, ra
 
     client = mlflow.MlflowClient()  # the embedded store (conftest points MLFLOW_TRACKING_URI there)
     _check_run(client, summary, config)
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.tags["raybooth.class_image_set"] == summary["class_image_set"]
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.tags["raybooth.class_image_set"] == summary.class_image_set
 
     # The registered model is the exported one: same pixels through the registry and the folder.
     via_registry = _generate(f"models:/{name}@candidate", tmp_path / "a")
-    assert np.array_equal(via_registry, _generate(summary["model_path"], tmp_path / "b"))
+    assert np.array_equal(via_registry, _generate(str(summary.model_path), tmp_path / "b"))
     out = mlflow.pyfunc.load_model(f"models:/{name}@candidate").predict(
         pd.DataFrame({"prompt": ["a photo of sks robot toy"], "seed": [5], "steps": [2]}))
     assert np.array_equal(np.asarray(decode_png(out["image"][0])), via_registry)
@@ -207,8 +209,8 @@ def test_tracking_server_down_mid_training_does_not_stop_it(ray_local, tmp_path,
     assert events.get("stopped_at", MAX_STEPS) < MAX_STEPS, "the server was not stopped mid-training"
     assert events.get("restarting_at") is not None
     # Training finished in full, and nothing of the run was lost.
-    assert summary["steps"] == MAX_STEPS and summary["mode"] == "lora"
-    assert (Path(summary["lora_path"]) / "pytorch_lora_weights.safetensors").is_file()
+    assert summary.steps == MAX_STEPS and summary.mode == "lora"
+    assert (summary.lora_path / WEIGHTS_NAME).is_file()
     _check_run(mlflow.MlflowClient(tracking_uri=server.url), summary, config)
 
     # Served from the registry: LoRA on top of the base model it names.

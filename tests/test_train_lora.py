@@ -12,8 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from raybooth.jobs.train.driver import run_training
+from raybooth.jobs.train.handoff import TrainingSummary
 from raybooth.jobs.train.metrics import step_metrics
 from raybooth.platform.config import TrainConfig, with_overrides
+from raybooth.platform.lora import WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +23,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_path, tmp_path_factory) -> dict:
+def lora_run(tiny_path, tmp_path_factory) -> TrainingSummary:
     import ray
 
     if not ray.is_initialized():
@@ -46,20 +48,20 @@ def lora_run(tiny_path, tmp_path_factory) -> dict:
 
 
 def test_lora_run_trains_and_checkpoints_only_the_adapters(lora_run):
-    assert lora_run["mode"] == "lora" and lora_run["steps"] == 6
-    assert lora_run["model_path"] == lora_run["lora_path"]
-    assert lora_run["class_image_set"] is None and lora_run["validation_images"] == []
-    metrics = step_metrics(lora_run["run_dir"])
+    assert lora_run.mode == "lora" and lora_run.steps == 6
+    assert lora_run.model_path == lora_run.lora_path
+    assert lora_run.class_image_set is None and lora_run.validation_images == []
+    metrics = step_metrics(lora_run.run_dir)
     assert sorted(metrics) == list(range(1, 7)) and all(m["prior_loss"] == 0 for m in metrics.values())
-    checkpoint = Path(lora_run["checkpoint"])
+    checkpoint = Path(lora_run.checkpoint)
     for part in ("unet", "text_encoder"):
         keys = load_file(checkpoint / f"{part}.safetensors").keys()
         assert keys and all(".lora_" in k for k in keys), part
 
 
 def test_lora_export_is_a_diffusers_adapter_with_its_base_model(lora_run):
-    lora = Path(lora_run["lora_path"])
-    weights = load_file(lora / "pytorch_lora_weights.safetensors")
+    lora = Path(lora_run.lora_path)
+    weights = load_file(lora / WEIGHTS_NAME)
     assert any(k.startswith("unet.") for k in weights) and any(k.startswith("text_encoder.") for k in weights)
     meta = json.loads((lora / "raybooth_lora.json").read_text())
     assert meta["base_model"] == "tiny" and meta["base_revision"] and meta["step"] == 6
@@ -74,14 +76,14 @@ def test_generate_and_inpaint_with_the_trained_adapter(lora_run, tmp_path):
     out = tmp_path / "gen"
     args = ["generate", "--model", "tiny", "--prompt", "a photo of sks robot toy", "--seed", "5",
             "--steps", "2", "--out"]
-    assert main([*args, str(out / "lora"), "--lora", lora_run["lora_path"]]) == 0
+    assert main([*args, str(out / "lora"), "--lora", str(lora_run.lora_path)]) == 0
     assert main([*args, str(out / "base")]) == 0
     with_lora = np.asarray(Image.open(next((out / "lora").glob("*.png"))))
     without = np.asarray(Image.open(next((out / "base").glob("*.png"))))
     assert with_lora.shape == (64, 64, 3) and not np.array_equal(with_lora, without)
 
     runner = DiffusionRunner("tiny")
-    name = runner.load_lora(lora_run["lora_path"])
+    name = runner.load_lora(lora_run.lora_path)
     image = Image.new("RGB", (64, 64), (30, 90, 200))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (8, 8, 40, 40))

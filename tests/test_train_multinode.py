@@ -103,6 +103,6 @@ def test_node_lost_mid_run_training_recovers_and_finishes(cluster, tmp_path, ray
     assert resumes and resumes[0]["step"] >= 4 and resumes[0]["step"] % 4 == 0
     after = {json.loads((run_dir / "workers" / f"rank-{r}.json").read_text())["node_id"] for r in (0, 1)}
     assert removed["node_id"] not in after  # the restarted workers live on the surviving node
-    assert summary["steps"] == MAX_STEPS and sorted(step_metrics(run_dir)) == list(range(1, MAX_STEPS + 1))
-    assert (Path(summary["model_path"]) / "model_index.json").is_file()
-    assert summary["class_image_set"]
+    assert summary.steps == MAX_STEPS and sorted(step_metrics(run_dir)) == list(range(1, MAX_STEPS + 1))
+    assert (Path(summary.model_path) / "model_index.json").is_file()
+    assert summary.class_image_set

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from raybooth.jobs.train.driver import run_training
+from raybooth.jobs.train.handoff import TrainingSummary
 from raybooth.jobs.train.metrics import read_records, step_metrics
 from raybooth.platform.config import TrainConfig, with_overrides
 
@@ -93,11 +94,11 @@ def reference(ray_up, tmp_path_factory, class_dir) -> tuple[TrainConfig, dict]:
 
 def test_reference_run_trains_both_models_with_prior_preservation(reference, tiny_path):
     config, summary = reference
-    run_dir = Path(summary["run_dir"])
-    assert summary["steps"] == MAX_STEPS and summary["mode"] == "full" and summary["num_workers"] == 2
-    assert summary["class_image_set"] and summary["lora_path"] is None
+    run_dir = Path(summary.run_dir)
+    assert summary.steps == MAX_STEPS and summary.mode == "full" and summary.num_workers == 2
+    assert summary.class_image_set and summary.lora_path is None
     assert (run_dir / "summary.json").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["model_path"] == summary["model_path"]
+    assert TrainingSummary.read(run_dir / "summary.json") == summary
 
     metrics = step_metrics(run_dir)
     assert sorted(metrics) == list(range(1, MAX_STEPS + 1))
@@ -105,7 +106,7 @@ def test_reference_run_trains_both_models_with_prior_preservation(reference, tin
         assert np.isfinite(m["loss"]) and m["prior_loss"] > 0 and m["instance_loss"] > 0
         assert m["steps_per_second"] > 0 and m["samples_per_second"] > 0 and m["peak_memory_mb"] > 0
         assert m["loss"] == pytest.approx(m["instance_loss"] + m["prior_loss"], rel=1e-5)
-    assert summary["final_loss"] == metrics[MAX_STEPS]["loss"]
+    assert summary.final_loss == metrics[MAX_STEPS]["loss"]
     lrs = [metrics[s]["lr"] for s in sorted(metrics)]
     assert lrs[0] < lrs[2] and lrs[-1] < lrs[2]  # warm-up, then cosine decay
 
@@ -116,12 +117,12 @@ def test_reference_run_trains_both_models_with_prior_preservation(reference, tin
     assert kept == ["checkpoint-000012", "checkpoint-000016"]
 
     # Validation grids at step 12 and at the end: one 64 px image per prompt.
-    grids = [Path(p).name for p in summary["validation_images"]]
+    grids = [Path(p).name for p in summary.validation_images]
     assert grids == ["step-000012.png", "step-000016.png"]
-    assert Image.open(summary["validation_images"][0]).size == (128, 64)
+    assert Image.open(summary.validation_images[0]).size == (128, 64)
 
     # Both the UNet and the text encoder learned; the VAE is the base model's.
-    model = Path(summary["model_path"])
+    model = Path(summary.model_path)
     for part, file in [("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")]:
         trained, base = load_file(model / part / file), load_file(Path(tiny_path) / part / file)
         assert any(not np.allclose(trained[k].numpy(), base[k].numpy()) for k in base), part
@@ -137,15 +138,15 @@ def test_exported_model_generates_and_inpaints(reference, tmp_path):
 
     _, summary = reference
     out = tmp_path / "gen"
-    code = main(["generate", "--model", summary["model_path"], "--prompt", "a photo of sks robot toy",
+    code = main(["generate", "--model", str(summary.model_path), "--prompt", "a photo of sks robot toy",
                  "--num-images", "2", "--seed", "3", "--steps", "2", "--out", str(out)])
     assert code == 0
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (64, 64)
     meta = json.loads(pngs[0].with_suffix(".json").read_text())
-    assert meta["model_path"] == str(Path(summary["model_path"]).resolve())
+    assert meta["model_path"] == str(Path(summary.model_path).resolve())
 
-    runner = DiffusionRunner(summary["model_path"])
+    runner = DiffusionRunner(str(summary.model_path))
     image = Image.new("RGB", (64, 64), (200, 120, 40))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
@@ -198,17 +199,17 @@ def test_worker_killed_mid_run_resumes_exactly(reference, class_dir, tmp_path):
     assert resumes[0]["same_world_size"] is True
 
     # Every step, before and after the checkpoint, has the uninterrupted run's loss.
-    ours, theirs = step_metrics(run_dir), step_metrics(ref_summary["run_dir"])
+    ours, theirs = step_metrics(run_dir), step_metrics(ref_summary.run_dir)
     assert sorted(ours) == sorted(theirs) == list(range(1, MAX_STEPS + 1))
     for step in range(1, MAX_STEPS + 1):
         for key in ("loss", "instance_loss", "prior_loss", "lr"):
             assert ours[step][key] == theirs[step][key], (step, key, ours[step][key], theirs[step][key])
-    assert summary["final_loss"] == ref_summary["final_loss"]
+    assert summary.final_loss == ref_summary.final_loss
 
     # And the same final weights.
     for part, file in [("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")]:
-        a = load_file(Path(summary["model_path"]) / part / file)
-        b = load_file(Path(ref_summary["model_path"]) / part / file)
+        a = load_file(Path(summary.model_path) / part / file)
+        b = load_file(Path(ref_summary.model_path) / part / file)
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-5, rtol=0, err_msg=f"{part}.{k}")
@@ -232,11 +233,11 @@ def test_cli_continues_a_stopped_run_from_latest(reference, tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     summary_path = Path(out[-1])  # the last line printed is the summary's path
-    assert summary_path == Path(summary["run_dir"]) / "summary.json"
-    continued = json.loads(summary_path.read_text())
-    assert continued["steps"] == MAX_STEPS + 4
-    assert continued["resumed_from"].endswith(f"checkpoint-{MAX_STEPS:06d}")
-    records = read_records(summary["run_dir"])
+    assert summary_path == Path(summary.run_dir) / "summary.json"
+    continued = TrainingSummary.read(summary_path)
+    assert continued.steps == MAX_STEPS + 4
+    assert continued.resumed_from.name == f"checkpoint-{MAX_STEPS:06d}"
+    records = read_records(summary.run_dir)
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [MAX_STEPS]
     after = [r["step"] for r in records[records.index(resumed[0]):] if "loss" in r]

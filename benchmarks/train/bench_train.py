@@ -65,7 +65,7 @@ def ray_run(config) -> dict:
     t0 = time.perf_counter()
     summary = run_training(config, progress=False)
     wall = time.perf_counter() - t0
-    run_dir = Path(summary["run_dir"])
+    run_dir = Path(summary.run_dir)
     records = read_records(run_dir)
     started = next(r for r in records if r.get("event") == "started")
     metrics = step_metrics(run_dir)
@@ -76,11 +76,11 @@ def ray_run(config) -> dict:
         "steps_per_second": len(metrics) / loop_s,
         "train_s": loop_s,
         "worker_setup_s": started["time"] - worker["started"],
-        "fit_overhead_s": summary["train_seconds"] - loop_s,
+        "fit_overhead_s": summary.train_seconds - loop_s,
         "wall_s": wall,
         "losses": [metrics[s]["loss"] for s in sorted(metrics)],
         "torch_threads": worker["torch_threads"],
-        "class_images": sorted(str(p) for p in Path(summary["class_images_dir"]).glob("*.png")),
+        "class_images": sorted(str(p) for p in Path(summary.class_images_dir).glob("*.png")),
     }
 
 

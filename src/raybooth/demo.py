@@ -148,7 +148,7 @@ def stage_train(demo: Demo) -> None:
 
 def stage_mlflow(demo: Demo) -> None:
     """MLflow: the training run and its registered model, promoted to champion, used via pyfunc."""
-    from raybooth.platform.mlflow_demo import run_mlflow_stage
+    from raybooth.jobs.train.demo_mlflow import run_mlflow_stage
 
     run_mlflow_stage(demo)
 

@@ -1,17 +1,18 @@
 """`raybooth train`: DreamBooth fine-tuning on Ray Train, from the driver's side.
 
     from raybooth.jobs.train.driver import run_training
-    summary = run_training(config)      # also written to <run.storage_path>/<run.name>/summary.json
+    summary = run_training(config)      # a TrainingSummary, also <run.storage_path>/<run.name>/summary.json
 
 The driver stays short; the work happens in the Ray Train workers (raybooth.jobs.train.loop):
 
     check inputs (raybooth.jobs.train.inputs)    before any worker or GPU is taken
     -> class images (raybooth.jobs.priors.job)         when priors.enabled
-    -> MLflow run (raybooth.platform.tracking)     when tracking.enabled
+    -> MLflow run (raybooth.jobs.train.tracking)     when tracking.enabled
     -> TorchTrainer(train_worker, ScalingConfig, RunConfig(storage_path, CheckpointConfig, FailureConfig)).fit()
-    -> export the last checkpoint (raybooth.jobs.train.export)
-    -> register it in MLflow (raybooth.platform.registry) when tracking.enabled
-    -> summary.json
+       with a WorkerJob (raybooth.jobs.train.handoff) as the workers' config
+    -> export the last checkpoint (raybooth.jobs.train.export) -> an Export
+    -> register it in MLflow (raybooth.jobs.train.register) when tracking.register_as is set
+    -> summary.json (a TrainingSummary)
 
 A worker that dies is restarted by Ray Train from the last checkpoint (`run.max_failures` times);
 a run that stopped continues with `run.resume_from: latest` (or a checkpoint folder).
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from raybooth.jobs.train.checkpoints import read_state
+from raybooth.jobs.train.handoff import TrainingSummary, WorkerJob
 from raybooth.jobs.train.inputs import (
     TrainInputs,
     check_inputs,
@@ -36,7 +39,6 @@ from raybooth.jobs.train.inputs import (
 from raybooth.jobs.train.metrics import ProgressPrinter, step_metrics
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import UserError
-from raybooth.platform.paths import write_json_atomic
 
 log = logging.getLogger("raybooth.train")
 
@@ -77,19 +79,18 @@ def _class_images(config: TrainConfig, progress: bool):
 def _tracker(config: TrainConfig, run_dir: Path):
     if not config.tracking.enabled:
         return None
-    from raybooth.platform.tracking import RunTracker
+    from raybooth.jobs.train.tracking import start_training_run
 
-    tracker = RunTracker.for_driver(config, run_dir)
+    tracker = start_training_run(config, run_dir)
     return tracker if tracker.run_id else None
 
 
-def worker_config(config: TrainConfig, inputs: TrainInputs) -> dict[str, Any]:
+def worker_config(config: TrainConfig, inputs: TrainInputs) -> TrainConfig:
     """The config as the workers get it: a local model directory made absolute (a worker's
     working directory is not the driver's)."""
-    data = config.model_dump(mode="json")
     if inputs.resolved.kind == "local":
-        data["model"] = str(inputs.resolved.path)
-    return data
+        return config.model_copy(update={"model": str(inputs.resolved.path)})
+    return config
 
 
 def _unwrap_user_error(exc: BaseException) -> UserError | None:
@@ -104,7 +105,7 @@ def _unwrap_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], progress: bool,
+def _fit(config: TrainConfig, inputs: TrainInputs, job: WorkerJob, progress: bool,
          callbacks: list | None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -114,7 +115,7 @@ def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], 
     s = config.scaling
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config=job.to_json(),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -134,7 +135,7 @@ def _fit(config: TrainConfig, inputs: TrainInputs, loop_config: dict[str, Any], 
         return trainer.fit()
 
 
-def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
+def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list | None = None) -> TrainingSummary:
     """Train, export and (with tracking) register; returns the summary written to summary.json.
 
     `callbacks` go into Ray Train's RunConfig (e.g. Ray Tune's TuneReportCallback, which then sees
@@ -161,19 +162,18 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
             print(f"training: {resume} is at step {resume_step} >= train.max_steps; exporting it")
             final_checkpoint = resume
         else:
-            loop_config = {
-                "config": worker_config(config, inputs),
-                "run_dir": str(inputs.run_dir),
-                # The few instance photos travel with the job, so no node needs the driver's folder.
-                "instance_images": {str(p): p.read_bytes() for p in inputs.instance_images},
-                "class_images": [str(p) for p in class_set.images] if class_set else None,
-                "resume_path": str(resume) if resume else None,
-                "mlflow_run_id": tracker.run_id if tracker else None,
-                "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
-            }
+            job = WorkerJob(
+                config=worker_config(config, inputs),
+                run_dir=inputs.run_dir,
+                instance_images={str(p): p.read_bytes() for p in inputs.instance_images},
+                class_images=list(class_set.images) if class_set else None,
+                resume_path=resume,
+                mlflow_run_id=tracker.run_id if tracker else None,
+                mlflow_tracking_uri=tracker.tracking_uri if tracker else None,
+            )
             t0 = time.perf_counter()
             try:
-                result = _fit(config, inputs, loop_config, progress, callbacks)
+                result = _fit(config, inputs, job, progress, callbacks)
             except Exception as exc:
                 from ray.train import TrainingFailedError
 
@@ -194,43 +194,37 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
 
         exported = export_checkpoint(config, inputs.resolved, final_checkpoint, inputs.run_dir)
         metrics = step_metrics(inputs.run_dir)
-        last = metrics.get(exported["step"], {})
-        summary: dict[str, Any] = {
-            "run_dir": str(inputs.run_dir),
-            "model_path": exported["model_path"],
-            "lora_path": exported["lora_path"],
-            "mode": t.mode,
-            "base_model": config.model,
-            "base_revision": inputs.resolved.revision,
-            "steps": exported["step"],
-            "final_loss": last.get("loss"),
-            "final_metrics": {k: v for k, v in last.items() if k not in ("step", "time")},
-            "checkpoint": str(final_checkpoint),
-            "resumed_from": str(resume) if resume else None,
-            "num_workers": config.scaling.num_workers,
-            "class_image_set": class_set.identity if class_set else None,
-            "class_images_dir": str(class_set.directory) if class_set else None,
-            "validation_images": sorted(str(p) for p in (inputs.run_dir / "validation").glob("step-*.png")),
-            "mlflow_run_id": tracker.run_id if tracker else None,
-            "registered_model": None,
-            "registered_version": None,
-            "train_seconds": round(train_s, 2),
-            "total_seconds": None,
-        }
+        # The run directory's own log has every step, even when the store missed some.
+        last = metrics.get(exported.step, {})
+        summary = TrainingSummary(
+            run_dir=inputs.run_dir,
+            export=exported,
+            final_loss=last.get("loss"),
+            final_metrics={k: v for k, v in last.items() if k not in ("step", "time")},
+            checkpoint=final_checkpoint,
+            resumed_from=resume,
+            num_workers=config.scaling.num_workers,
+            class_image_set=class_set.identity if class_set else None,
+            class_images_dir=Path(class_set.directory) if class_set else None,
+            validation_images=sorted((inputs.run_dir / "validation").glob("step-*.png")),
+            mlflow_run_id=tracker.run_id if tracker else None,
+            registration=None,
+            train_seconds=round(train_s, 2),
+        )
         if tracker is not None:
             # What the rank-0 worker logged locally but could not deliver (store away at the end,
             # worker killed): the tracker skips what the run already has.
-            tracker.backfill(metrics, {f"validation/{Path(p).name}": Path(p) for p in summary["validation_images"]})
+            tracker.backfill(metrics, {f"validation/{p.name}": p for p in summary.validation_images})
         if tracker is not None and config.tracking.register_as:
-            from raybooth.platform.registry import log_and_register
+            from raybooth.jobs.train.register import register_training
 
             tracker.flush()
-            summary.update(log_and_register(config, tracker.run_id, summary))
-        summary["total_seconds"] = round(time.perf_counter() - started, 2)
+            summary = dataclasses.replace(summary, registration=register_training(config, summary))
+        summary = dataclasses.replace(summary, total_seconds=round(time.perf_counter() - started, 2))
         path = inputs.run_dir / SUMMARY_FILE
-        write_json_atomic(path, summary)
+        summary.write(path)
         if tracker is not None:
-            tracker.set_tags({"raybooth.summary": str(path), "raybooth.model_path": summary["model_path"]})
+            tracker.set_tags({"raybooth.summary": str(path), "raybooth.model_path": str(summary.model_path)})
             tracker.end("FINISHED")
         return summary
     except BaseException:
@@ -265,12 +259,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides)
     summary = run_training(config, progress=not args.no_progress)
-    print(
-        f"trained {summary['steps']} steps ({summary['mode']}), final loss "
-        f"{summary['final_loss'] if summary['final_loss'] is None else format(summary['final_loss'], '.4f')}"
-    )
-    print(f"model: {summary['model_path']}")
-    if summary.get("registered_model"):
-        print(f"registered: {summary.get('model_uri') or summary['registered_model']} (version {summary['registered_version']})")
-    print(Path(summary["run_dir"]) / SUMMARY_FILE)
+    loss = "n/a" if summary.final_loss is None else format(summary.final_loss, ".4f")
+    print(f"trained {summary.steps} steps ({summary.mode}), final loss {loss}")
+    print(f"model: {summary.model_path}")
+    registration = summary.registration
+    if registration is not None and registration.registered_model:
+        print(f"registered: {registration.model_uri} (version {registration.registered_version})")
+    print(summary.run_dir / SUMMARY_FILE)
     return 0

@@ -18,11 +18,12 @@ import torch
 
 from raybooth.jobs.train.checkpoints import load_checkpoint
 from raybooth.jobs.train.handoff import Export
-from raybooth.jobs.train.model import load_trainable_state, quiet_libraries
+from raybooth.jobs.train.model import load_trainable_state
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.lora import add_lora, save_lora_adapter
 from raybooth.platform.models import ResolvedModel, load_components
 from raybooth.platform.paths import publish_dir
+from raybooth.platform.quiet import quiet_libraries
 
 MODEL_DIR = "model"
 LORA_DIR = "lora"
@@ -35,7 +36,7 @@ def export_checkpoint(config: TrainConfig, resolved: ResolvedModel, checkpoint_d
     t = config.train
     run_dir = Path(run_dir)
     state = load_checkpoint(checkpoint_dir)
-    quiet_libraries()
+    quiet_libraries(errors_only=True)
     comps = load_components(resolved, dtype=torch.float32)
     unet, text_encoder = comps["unet"], comps["text_encoder"]
     record = {

@@ -1,8 +1,8 @@
 """What every Ray Train worker runs: DreamBooth fine-tuning, readable top to bottom.
 
-The driver (raybooth.jobs.train.driver) hands `train_worker` a plain dict: the validated config, the run
-directory, the instance and class image files, the checkpoint to resume from (if any) and the
-MLflow run to log into. Each worker then
+The driver (raybooth.jobs.train.driver) hands `train_worker` a `WorkerJob` (raybooth.jobs.train.handoff,
+as JSON): the validated config, the run directory, the instance and class image files, the
+checkpoint to resume from (if any) and the MLflow run to log into. Each worker then
 
   1. sets up Accelerate (DDP wrapping, mixed precision, gradient accumulation) and seeds,
   2. loads the model: VAE frozen; UNet (and text encoder) trained fully or through LoRA adapters,
@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 
-from raybooth.jobs.train.checkpoints import TrainingState, checkpoint_dir_name, load_checkpoint, restore_rng, write_checkpoint
+from raybooth.jobs.train.checkpoints import (
+    TrainingState,
+    checkpoint_dir_name,
+    load_checkpoint,
+    restore_rng,
+    write_checkpoint,
+)
 from raybooth.jobs.train.data import (
     CLASS_STREAM,
     INSTANCE_STREAM,
@@ -38,8 +44,10 @@ from raybooth.jobs.train.data import (
     derive_seed,
     load_images,
 )
+from raybooth.jobs.train.handoff import WorkerJob
 from raybooth.jobs.train.loss import dreambooth_loss, noisy_batch
-from raybooth.jobs.train.metrics import METRIC_KEYS as METRIC_NAMES, MetricsLog
+from raybooth.jobs.train.metrics import METRIC_KEYS as METRIC_NAMES
+from raybooth.jobs.train.metrics import MetricsLog
 from raybooth.jobs.train.model import (
     MIXED_PRECISION_DTYPES,
     load_train_models,
@@ -61,9 +69,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    config = TrainConfig.model_validate(loop_config["config"])
+    job = WorkerJob.from_json(loop_config)
+    config = job.config
     t = config.train
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = job.run_dir
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     record_worker(run_dir, rank, world)
@@ -81,12 +90,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     models = load_train_models(config, resolved, device, weight_dtype)
 
     # 3. Data, decoded and encoded once --------------------------------------------------------
-    with_prior = loop_config.get("class_images") is not None
+    with_prior = job.with_prior
     batch = t.batch_size
     micro_steps_total = t.max_steps * t.gradient_accumulation_steps
     instance = ImageLatents(
-        load_images(list(loop_config["instance_images"].values()), t.resolution, "instance image",
-                    names=list(loop_config["instance_images"])),
+        load_images(list(job.instance_images.values()), t.resolution, "instance image",
+                    names=list(job.instance_images)),
         t.resolution, t.center_crop, models.vae, device, cached=t.cache_latents,
     )
     instance_order = build_schedule(
@@ -95,7 +104,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
     if with_prior:
         classes = ImageLatents(
-            load_images([Path(p) for p in loop_config["class_images"]], t.resolution, "class image"),
+            load_images(job.class_images, t.resolution, "class image"),
             t.resolution, t.center_crop, models.vae, device, cached=t.cache_latents,
         )
         class_order = build_schedule(
@@ -114,7 +123,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     params = models.trainable_parameters()
     optimizer = make_optimizer(config, params)
     lr_scheduler = make_lr_scheduler(config, optimizer)
-    state = resume_state(loop_config, rank)
+    state = resume_state(job, rank)
     start_step = 0
     if state is not None:
         for name, module in models.trainables.items():
@@ -136,7 +145,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             restore_rng(state.rng)
 
     log = MetricsLog(run_dir) if rank == 0 else None
-    tracker = attach_tracker(loop_config) if rank == 0 else None
+    tracker = attach_tracker(job) if rank == 0 else None
     if log is not None:
         if state is not None:
             log.event("resumed", step=start_step, checkpoint=str(state.directory), world_size=world,
@@ -249,7 +258,7 @@ class LossWindow:
         self.lrs.clear()
 
 
-def resume_state(loop_config: dict[str, Any], rank: int) -> TrainingState | None:
+def resume_state(job: WorkerJob, rank: int) -> TrainingState | None:
     """The checkpoint to continue from: Ray's latest of this run (after a worker failure, or when
     the run folder already has checkpoints), else the one `run.resume_from` named."""
     import ray.train
@@ -258,8 +267,8 @@ def resume_state(loop_config: dict[str, Any], rank: int) -> TrainingState | None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             return load_checkpoint(directory, rank)
-    if loop_config.get("resume_path"):
-        return load_checkpoint(loop_config["resume_path"], rank)
+    if job.resume_path is not None:
+        return load_checkpoint(job.resume_path, rank)
     return None
 
 
@@ -307,14 +316,13 @@ def run_validation(config: TrainConfig, models, accelerator, run_dir: Path, step
         tracker.log_image(grid, f"validation/step-{step:06d}.png")
 
 
-def attach_tracker(loop_config: dict[str, Any]):
-    """The MLflow run the driver created, or None (tracking off: nothing is imported)."""
-    run_id = loop_config.get("mlflow_run_id")
-    if not run_id:
+def attach_tracker(job: WorkerJob):
+    """The MLflow run the driver created, or None (tracking off: MLflow is not imported)."""
+    if not job.mlflow_run_id:
         return None
-    from raybooth.platform.tracking import RunTracker
+    from raybooth.platform.mlflow.runs import RunTracker
 
-    return RunTracker.attach(loop_config.get("mlflow_tracking_uri"), run_id)
+    return RunTracker.attach(job.mlflow_tracking_uri, job.mlflow_run_id)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -35,7 +35,7 @@ RETRY_MAX_S = 10.0
 GIVE_UP_AFTER_CLOSE_S = 600.0
 AT_EXIT_FLUSH_S = 10.0
 
-_OPEN: "weakref.WeakSet[Sender]" = weakref.WeakSet()
+_OPEN: weakref.WeakSet[Sender] = weakref.WeakSet()
 
 
 def first_line(exc: BaseException) -> str:

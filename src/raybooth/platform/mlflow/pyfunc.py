@@ -1,10 +1,11 @@
 """A trained raybooth model as an MLflow `pyfunc` model (MLflow has no diffusers flavour).
 
-What the logged model holds (`artifacts/` of the MLflow model directory):
+What the logged model holds (`artifacts/` of the MLflow model directory; names in
+raybooth.platform.mlflow.refs):
 - full mode: `pipeline` — the exported diffusers pipeline directory;
-- LoRA mode: `lora` — the adapter directory (pytorch_lora_weights.safetensors + raybooth_lora.json);
-  the base model is a reference (`tiny`, a Hub id + revision, `models:/...`) resolved when loaded;
-- `raybooth` — raybooth_model.json: mode, base model, default steps/guidance, subject.
+- LoRA mode: `lora` — the adapter directory (the LoRA weights file + raybooth_lora.json); the
+  base model is a reference (`tiny`, a Hub id + revision, `models:/...`) resolved when loaded;
+- `raybooth` — raybooth_model.json (`ModelInfo`): mode, base model, default steps/guidance, subject.
 
 `mlflow.pyfunc.load_model(uri).predict(pandas.DataFrame({"prompt": [...], "seed": [...]}))` returns a
 DataFrame with one base64-encoded PNG per row (`image`) and the seed used, so `mlflow models serve`
@@ -16,17 +17,20 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
-MODEL_INFO_NAME = "raybooth_model.json"
-ARTIFACT_PIPELINE = "pipeline"
-ARTIFACT_LORA = "lora"
-ARTIFACT_INFO = "raybooth"
+from raybooth.platform.generation import GENERATION_DEFAULTS, group_indices
+from raybooth.platform.mlflow.refs import (
+    ARTIFACT_INFO,
+    ARTIFACT_LORA,
+    ARTIFACT_PIPELINE,
+    read_model_info,
+)
 
 # Input columns and their MLflow types; only prompt and seed are required.
 INPUT_COLUMNS = {
@@ -56,9 +60,9 @@ def input_example():
 
 
 def encode_png(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    from raybooth.platform.images import png_bytes
+
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def decode_png(data: str):
@@ -78,6 +82,15 @@ def _present(value: Any) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class _Row:
+    prompt: str
+    seed: int
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+
+
 class RayboothDiffusionModel(mlflow.pyfunc.PythonModel):
     """Text-to-image with a DreamBooth model trained by raybooth (full pipeline or LoRA)."""
 
@@ -88,55 +101,61 @@ class RayboothDiffusionModel(mlflow.pyfunc.PythonModel):
         from raybooth.platform.models import resolve_model
         from raybooth.platform.pipelines import DiffusionRunner
 
-        self.info = json.loads(Path(context.artifacts[ARTIFACT_INFO]).read_text())
-        if self.info.get("mode") == "lora":
-            base = resolve_model(
-                self.info["base_model"], ModelOptions(revision=self.info.get("base_revision"))
-            )
+        self.info = read_model_info(Path(context.artifacts[ARTIFACT_INFO]))
+        if self.info.mode == "lora":
+            base = resolve_model(self.info.base_model, ModelOptions(revision=self.info.base_revision))
             resolved = replace(base, lora_path=Path(context.artifacts[ARTIFACT_LORA]))
         else:
             resolved = resolve_model(str(context.artifacts[ARTIFACT_PIPELINE]))
         self.runner = DiffusionRunner(resolved)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
-
+    def _rows(self, frame) -> list[_Row]:
         from raybooth.platform.errors import UserError
-        from raybooth.platform.pipelines import GenerationParams
 
-        frame = pd.DataFrame(model_input)
         if "prompt" not in frame or "seed" not in frame:
             raise UserError("each row needs a 'prompt' and a 'seed' column", field="prompt")
         if len(frame) > MAX_ROWS:
             raise UserError(f"at most {MAX_ROWS} rows per call (got {len(frame)})", field="prompt")
-        default_steps = int(self.info.get("default_steps", 20))
-        default_guidance = float(self.info.get("default_guidance_scale", 7.5))
+        default_steps = self.info.default_steps or GENERATION_DEFAULTS.steps
+        default_guidance = (
+            GENERATION_DEFAULTS.guidance_scale
+            if self.info.default_guidance_scale is None else self.info.default_guidance_scale
+        )
         rows = []
         for i, row in enumerate(frame.to_dict("records")):
-            steps = int(row["steps"]) if _present(row.get("steps")) else default_steps
+            steps = int(row["steps"]) if _present(row.get("steps")) else int(default_steps)
             if not 1 <= steps <= MAX_STEPS:
                 raise UserError(f"row {i}: steps must be in 1..{MAX_STEPS} (got {steps})", field="steps")
-            guidance = (
-                float(row["guidance_scale"]) if _present(row.get("guidance_scale")) else default_guidance
-            )
-            negative = str(row["negative_prompt"]) if _present(row.get("negative_prompt")) else ""
-            rows.append((i, str(row["prompt"]), int(row["seed"]), negative, steps, guidance))
-        # One pipeline call per (steps, guidance): what must be equal within a batch.
-        images: dict[int, str] = {}
-        groups: dict[tuple[int, float], list] = {}
-        for r in rows:
-            groups.setdefault((r[4], r[5]), []).append(r)
+            rows.append(_Row(
+                prompt=str(row["prompt"]),
+                seed=int(row["seed"]),
+                negative_prompt=str(row["negative_prompt"]) if _present(row.get("negative_prompt")) else "",
+                steps=steps,
+                guidance_scale=(
+                    float(row["guidance_scale"]) if _present(row.get("guidance_scale")) else float(default_guidance)
+                ),
+            ))
+        return rows
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        from raybooth.platform.generation import GenerationParams
+
+        rows = self._rows(pd.DataFrame(model_input))
         lora = next(iter(self.runner.adapters), None)
-        for (steps, guidance), group in groups.items():
-            gen = GenerationParams(steps=steps, guidance_scale=guidance, lora=lora)
-            negatives = [r[3] for r in group]
+        images: list[str | None] = [None] * len(rows)
+        # One pipeline call per set of rows that can share one (equal steps and guidance).
+        gens = [GenerationParams(steps=r.steps, guidance_scale=r.guidance_scale, lora=lora) for r in rows]
+        for group in group_indices(g.key() for g in gens):
+            negatives = [rows[i].negative_prompt for i in group]
             out = self.runner.text_to_image(
-                [r[1] for r in group], [r[2] for r in group], gen,
+                [rows[i].prompt for i in group], [rows[i].seed for i in group], gens[group[0]],
                 negatives if any(negatives) else None,
             )
-            for r, img in zip(group, out):
-                images[r[0]] = encode_png(img)
-        return pd.DataFrame({"image": [images[r[0]] for r in rows], "seed": [r[2] for r in rows]})
+            for i, img in zip(group, out):
+                images[i] = encode_png(img)
+        return pd.DataFrame({"image": images, "seed": [r.seed for r in rows]})
 
 
 def pip_requirements() -> list[str]:

@@ -1,5 +1,6 @@
 """`raybooth models list|promote` and `raybooth mlflow-ui`: the registry and the tracking store from
-the command line (registered in raybooth.cli.PART_COMMANDS)."""
+the command line (registered in raybooth.cli.PART_COMMANDS; MLflow itself is imported only when a
+command runs)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def _when(ms: int | None) -> str:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from raybooth.platform.registry import list_models
-    from raybooth.platform.tracking import resolve_tracking_uri
+    from raybooth.platform.mlflow.registry import list_models
+    from raybooth.platform.mlflow.store import resolve_tracking_uri
 
     models = list_models(args.tracking_uri)
     if args.json:
@@ -68,17 +69,20 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
-    from raybooth.platform.registry import promote
+    from raybooth.platform.mlflow.registry import promote
 
     result = promote(args.name, args.version, args.alias, args.tracking_uri)
-    before = f" (was version {result['previous_version']})" if result["previous_version"] else ""
-    print(f"{result['model_uri']} -> version {result['version']}{before}")
+    before = f" (was version {result.previous_version})" if result.previous_version else ""
+    print(f"{result.model_uri} -> version {result.version}{before}")
     return 0
 
 
 def ui_command(host: str, port: int, workers: int = 1) -> list[str]:
     """`mlflow ui` on the embedded store (or the store MLFLOW_TRACKING_URI names, if a database)."""
-    from raybooth.platform.tracking import default_artifact_root, resolve_tracking_uri
+    from raybooth.platform.mlflow.store import (
+        default_artifact_root,
+        resolve_tracking_uri,
+    )
 
     uri = resolve_tracking_uri(None)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -90,7 +94,12 @@ def ui_command(host: str, port: int, workers: int = 1) -> list[str]:
 
 
 def cmd_mlflow_ui(args: argparse.Namespace) -> int:
-    from raybooth.platform.tracking import client_for, is_http, resolve_tracking_uri, sqlite_path
+    from raybooth.platform.mlflow.store import (
+        client_for,
+        is_http,
+        resolve_tracking_uri,
+        sqlite_path,
+    )
 
     uri = resolve_tracking_uri(None)
     if is_http(uri):
