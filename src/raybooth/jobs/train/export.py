@@ -75,6 +75,5 @@ def export_checkpoint(config: TrainConfig, resolved: ResolvedModel, checkpoint_d
                 tmp, unet, text_encoder if t.train_text_encoder else None,
                 metadata={**record, "lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha or t.lora_rank},
             )
-    if t.mode == "full":
-        return {"model_path": str(target), "lora_path": None, "step": state.step}
-    return {"model_path": str(target), "lora_path": str(target), "step": state.step}
+    return Export(mode=t.mode, path=target, step=state.step, base_model=config.model,
+                  base_revision=resolved.revision)
