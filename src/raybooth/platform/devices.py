@@ -24,3 +24,31 @@ def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     if preference not in DTYPES:
         raise UserError(f"dtype {preference!r}: expected one of auto, {', '.join(DTYPES)}", field="dtype")
     return DTYPES[preference]
+
+
+def assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for the calling worker, actor or replica (None outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not in a Ray worker, or an older runtime context: nothing to follow
+        return None
+
+
+def use_assigned_cpus(explicit: int | None = None) -> int:
+    """Set torch's intra-op threads to what this process was given, and return the count.
+
+    Ray starts every worker with OMP_NUM_THREADS=1 unless told otherwise, so a worker that holds 2
+    CPUs would still compute on one core: the threads follow the reservation instead (rounded,
+    at least 1). `explicit` (a config's torch_threads) wins. Outside Ray torch's default stays.
+    """
+    threads = explicit
+    if threads is None:
+        cpus = assigned_cpus()
+        threads = max(1, round(cpus)) if cpus else None
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -28,6 +28,7 @@ from pydantic import Field
 from ray import serve
 
 from raybooth.platform.config import Section, validate_config
+from raybooth.platform.devices import use_assigned_cpus
 from raybooth.platform.errors import ConfigError, UserError
 from raybooth.platform.generation import GENERATION_DEFAULTS
 from raybooth.platform.images import png_bytes
@@ -96,13 +97,11 @@ class ImageModel:
     TASK = TEXT_TO_IMAGE
 
     def __init__(self, spec: dict[str, Any], deployment: str):
-        import torch
-
         self.spec: ModelSpec = validate_config(dict(spec), ModelSpec, f"{deployment} model")
         self.deployment = deployment
         self.name = self.spec.name or self.spec.model
-        if self.spec.torch_threads:
-            torch.set_num_threads(self.spec.torch_threads)
+        # On a CPU the replica computes with the cores it reserved (ray_actor_options.num_cpus).
+        self.torch_threads = use_assigned_cpus(self.spec.torch_threads)
         for subject, ref in self.spec.subjects.items():
             _check_subject_ref(subject, ref)
         self.runner = DiffusionRunner(

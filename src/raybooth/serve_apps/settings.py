@@ -58,7 +58,10 @@ class ModelSpec(Section):
     dtype: str = "auto"
     channels_last: bool = False
     compile_unet: bool = False
-    torch_threads: int | None = Field(default=None, ge=1, description="None: leave torch's default")
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="None: the CPUs the replica reserved (ray_actor_options.num_cpus), at least 1",
+    )
     warmup_steps: int = Field(default=2, ge=0, description="0: no warm-up generation at start")
     revision_note: str = Field(
         default="",
@@ -132,6 +135,9 @@ class AppArgs(Section):
     limits: Limits = Field(default_factory=Limits)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     defaults: Defaults = Field(default_factory=Defaults)
+    mlflow_ui_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="the MLflow UI the playground page links to"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":

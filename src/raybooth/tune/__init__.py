@@ -1,1 +1,4 @@
-"""See DESIGN.md: this part depends only on raybooth.platform."""
+"""Ray Tune sweeps over the training job (`raybooth tune`).
+
+Depends on `raybooth.jobs` and `raybooth.platform`; `tests/test_architecture.py` checks it.
+"""

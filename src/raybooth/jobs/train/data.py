@@ -27,10 +27,14 @@ from PIL import Image
 
 from raybooth.platform.images import list_images, open_image
 
-# Stream ids keep the instance and class streams (and their flips/crops) independent.
+# Every random draw of training comes from `derive_seed(seed, STREAM, …)`: one id per independent
+# stream, so adding a draw to one stream never shifts another (and a resumed run redraws exactly).
+# Data: which image, its flip and its crop, for the instance and the class images. Noise: the
+# timesteps and noise of each micro-step (drawn in the loop, keyed by rank and micro-step).
 INSTANCE_STREAM = 1
 CLASS_STREAM = 2
 _ORDER, _FLIP, _CROP = 11, 12, 13
+NOISE_STREAM = 21
 
 
 def derive_seed(*parts: int) -> int:
