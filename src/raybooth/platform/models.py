@@ -22,7 +22,7 @@ from raybooth.platform.config import ModelOptions
 from raybooth.platform.errors import ModelError
 from raybooth.platform.lora import WEIGHTS_NAME
 from raybooth.platform.mlflow.refs import MODELS_PREFIX, resolve_registered
-from raybooth.platform.lora import WEIGHTS_NAME
+from raybooth.platform.quiet import quiet_libraries
 from raybooth.platform.tiny import TINY_BUILD, TINY_NAMES, tiny_model_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -200,6 +200,7 @@ def load_components(resolved: ResolvedModel, dtype=None) -> dict[str, Any]:
     """Load the pipeline components (unet, vae, text_encoder, tokenizer, scheduler) on the CPU."""
     from diffusers import StableDiffusionPipeline
 
+    quiet_libraries()
     kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
     if dtype is not None:
         kwargs["dtype"] = dtype

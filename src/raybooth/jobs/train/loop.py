@@ -37,6 +37,7 @@ from raybooth.jobs.train.checkpoints import (
 from raybooth.jobs.train.data import (
     CLASS_STREAM,
     INSTANCE_STREAM,
+    NOISE_STREAM,
     ImageLatents,
     PromptEmbeddings,
     Stream,
@@ -60,7 +61,6 @@ from raybooth.platform.config import TrainConfig
 from raybooth.platform.models import resolve_model
 from raybooth.platform.paths import replace_into, write_json_atomic
 
-NOISE_STREAM = 21
 WORKERS_DIR = "workers"
 
 
