@@ -127,6 +127,11 @@ def tiny_encoder_path(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     kind = name.removeprefix("tiny-")
+    from transformers.utils import logging as transformers_logging
+
+    # No "Writing model shards" bar in the middle of a command's output (restored afterwards).
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     # Build beside the target and rename: several Ray actors may build at once, and a reader
     # must never see a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -143,4 +148,6 @@ def tiny_encoder_path(name: str) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if bars:
+            transformers_logging.enable_progress_bar()
     return target

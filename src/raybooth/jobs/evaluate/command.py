@@ -56,7 +56,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from raybooth.jobs.evaluate.config import EvaluateConfig
     from raybooth.jobs.evaluate.job import evaluate_config
     from raybooth.platform.config import load_config
+    from raybooth.platform.quiet import quiet_libraries
 
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, _quick_overrides(args) + list(args.overrides), schema=EvaluateConfig)
     result = evaluate_config(config, progress=not args.no_progress)

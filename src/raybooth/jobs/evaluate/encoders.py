@@ -33,6 +33,7 @@ from raybooth.platform.config import ModelOptions
 from raybooth.platform.encoders_tiny import TINY_ENCODER_BUILD, TINY_ENCODER_NAMES, tiny_encoder_path
 from raybooth.platform.errors import ModelError
 from raybooth.platform.models import ALLOW_PICKLE_HINT, HUB_ID, PICKLE_SUFFIXES, hub_offline
+from raybooth.platform.tiny import TINY_NAMES
 
 DINO = "dino"
 CLIP = "clip"
@@ -105,15 +106,18 @@ def _hub_folder(ref: str, revision: str | None, options: ModelOptions, field: st
     return folder, resolved_revision
 
 
+def _pipeline_not_encoder(ref: str, role: str, field: str) -> str:
+    return (
+        f"{field}: {ref!r} is a diffusion pipeline, not an image encoder; use a "
+        f"{'DINO ViT' if role == DINO else 'CLIP'} checkpoint such as {DEFAULT_ENCODERS[role]!r} "
+        f"(or 'tiny-{role}' for tests)"
+    )
+
+
 def _check_folder(ref: str, folder: Path, role: str, allow_pickle: bool, field: str) -> str:
     """The folder's model_type, after checking it holds an encoder this role can use."""
     if (folder / "model_index.json").is_file():
-        raise ModelError(
-            f"{field}: {ref!r} is a diffusion pipeline, not an image encoder; use a "
-            f"{'DINO ViT' if role == DINO else 'CLIP'} checkpoint such as {DEFAULT_ENCODERS[role]!r} "
-            f"(or {'tiny-dino' if role == DINO else 'tiny-clip'} for tests)",
-            field=field,
-        )
+        raise ModelError(_pipeline_not_encoder(ref, role, field), field=field)
     config_file = folder / "config.json"
     try:
         model_type = json.loads(config_file.read_text()).get("model_type", "")
@@ -148,6 +152,8 @@ def resolve_encoder(ref: str, role: str, options: ModelOptions | None = None, re
     options = options or ModelOptions()
     field = FIELDS[role]
     ref = (ref or "").strip()
+    if ref in TINY_NAMES:
+        raise ModelError(_pipeline_not_encoder(ref, role, field), field=field)
     if ref in TINY_ENCODER_NAMES:
         if ref != f"tiny-{role}":
             raise ModelError(f"{field}: {ref!r} is the tiny encoder for the other metric; use 'tiny-{role}'", field=field)
