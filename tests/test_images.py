@@ -31,7 +31,9 @@ def test_modes_are_normalised(tmp_path):
     assert open_mask(png(Image.new("RGB", (8, 8), (255, 255, 255)))).mode == "L"
     painted = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     painted.putpixel((1, 1), (0, 0, 0, 255))
-    assert open_mask(png(painted)).getpixel((1, 1)) == 255  # alpha painted = repaint
+    # A mask with transparency follows the OpenAI Images API: transparent = repaint, opaque = keep.
+    assert open_mask(png(painted)).getpixel((1, 1)) == 0
+    assert open_mask(png(painted)).getpixel((0, 0)) == 255
 
 
 def test_corrupt_truncated_and_unsupported_files_are_named(tmp_path):
@@ -40,7 +42,7 @@ def test_corrupt_truncated_and_unsupported_files_are_named(tmp_path):
     with pytest.raises(ImageError, match=r"cut\.png.*corrupt or truncated"):
         open_image(tmp_path / "cut.png", name=str(tmp_path / "cut.png"))
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(ImageError, match=r"notes\.png.*not a supported image"):
+    with pytest.raises(ImageError, match=r"notes\.png: plain text, not an image"):
         open_image(tmp_path / "notes.png", name=str(tmp_path / "notes.png"))
     with pytest.raises(ImageError, match="file not found"):
         open_image(tmp_path / "absent.png", name="absent.png")
