@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from raybooth.platform.errors import UserError
@@ -48,7 +50,8 @@ def use_assigned_cpus(explicit: int | None = None) -> int:
     threads = explicit
     if threads is None:
         cpus = assigned_cpus()
-        threads = max(1, round(cpus)) if cpus else None
+        # Never more threads than the machine has cores (logical CPUs can be declared freely).
+        threads = min(max(1, round(cpus)), os.cpu_count() or 1) if cpus else None
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return torch.get_num_threads()

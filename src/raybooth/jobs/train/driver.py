@@ -35,6 +35,7 @@ from raybooth.jobs.train.inputs import (
     check_inputs,
     check_placement,
     check_resume,
+    worker_resources,
 )
 from raybooth.jobs.train.metrics import ProgressPrinter, step_metrics
 from raybooth.platform.config import TrainConfig
@@ -105,8 +106,8 @@ def _unwrap_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def _fit(config: TrainConfig, inputs: TrainInputs, job: WorkerJob, progress: bool,
-         callbacks: list | None):
+def _fit(config: TrainConfig, inputs: TrainInputs, job: WorkerJob, resources: dict[str, float],
+         progress: bool, callbacks: list | None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -119,7 +120,7 @@ def _fit(config: TrainConfig, inputs: TrainInputs, job: WorkerJob, progress: boo
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
-            resources_per_worker=dict(s.resources_per_worker) or None,
+            resources_per_worker=resources,
             placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
@@ -145,7 +146,11 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
     inputs = check_inputs(config)
     resume = check_resume(config, inputs)
     _ensure_ray()
-    check_placement(config)
+    resources = worker_resources(config)
+    check_placement(config, resources)
+    defaulted = "" if config.scaling.resources_per_worker or config.scaling.use_gpu else (
+        " (an equal share of the CPUs Ray has free; set scaling.resources_per_worker to choose)")
+    print(f"training: {config.scaling.num_workers} worker(s) x {resources}{defaulted}", flush=True)
     class_set = _class_images(config, progress)
     tracker = _tracker(config, inputs.run_dir)
     if tracker is not None and class_set is not None:
@@ -173,7 +178,7 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
             )
             t0 = time.perf_counter()
             try:
-                result = _fit(config, inputs, job, progress, callbacks)
+                result = _fit(config, inputs, job, resources, progress, callbacks)
             except Exception as exc:
                 from ray.train import TrainingFailedError
 

@@ -10,14 +10,18 @@ resolution) are the config schema's.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybooth.jobs.train.checkpoints import find_checkpoints, is_complete, read_state
+from raybooth.jobs.train.checkpoints import checkpoint_problem, find_checkpoints, latest_resumable, read_state
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import ConfigError, ImageError
 from raybooth.platform.images import list_images, open_image
 from raybooth.platform.models import ResolvedModel, resolve_model
+
+
+log = logging.getLogger("raybooth.train")
 
 
 @dataclass
@@ -104,16 +108,25 @@ def check_resume(config: TrainConfig, inputs: TrainInputs) -> Path | None:
             )
         return None
     if resume_from == "latest":
-        if not existing:
-            print(f"training: no checkpoint in {inputs.run_dir} yet; starting from step 0")
+        latest, skipped = latest_resumable(inputs.run_dir)
+        for folder, problem in skipped:
+            # A newer checkpoint that cannot be resumed (a truncated copy, a crash mid-write):
+            # fall back to the previous complete one, and say which one was passed over and why.
+            log.warning(
+                "training: warning: checkpoint %s is incomplete (%s); resuming from %s instead",
+                folder, problem, latest if latest is not None else "step 0",
+            )
+        if latest is None:
+            print(f"training: no complete checkpoint in {inputs.run_dir} yet; starting from step 0")
             return None
-        checkpoint = existing[-1][1]
+        checkpoint = latest
     else:
         checkpoint = Path(resume_from).expanduser().resolve()
-        if not is_complete(checkpoint):
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
             raise ConfigError(
-                f"run.resume_from: {checkpoint} is not a complete training checkpoint (a "
-                "checkpoint-* folder of a run, with state.json); use 'latest' to continue this run",
+                f"run.resume_from: {checkpoint} is not a complete training checkpoint ({problem}); "
+                "give a complete checkpoint-* folder of a run, or 'latest' to continue this run",
                 field="run.resume_from",
             )
         if existing and checkpoint not in [p for _, p in existing]:
@@ -143,17 +156,35 @@ def check_resume(config: TrainConfig, inputs: TrainInputs) -> Path | None:
 
 
 def worker_resources(config: TrainConfig) -> dict[str, float]:
-    """What one Ray Train worker asks for (Ray's defaults: 1 CPU, or 1 GPU with use_gpu)."""
+    """What one Ray Train worker asks for.
+
+    `scaling.resources_per_worker` when set (plus 1 GPU with use_gpu). Else 1 GPU with use_gpu;
+    on CPUs an equal share of the CPUs Ray has free, whole CPUs, at most one node's worth: Ray's
+    own default (1 CPU per worker) would leave half of a 2-core machine idle under one worker,
+    and a worker's torch threads follow its CPUs (raybooth.platform.devices.use_assigned_cpus).
+    Called once on the driver with Ray up, so every worker and the placement check agree.
+    """
     s = config.scaling
     if s.resources_per_worker:
         need = dict(s.resources_per_worker)
         if s.use_gpu and "GPU" not in need:
             need["GPU"] = 1.0
         return need
-    return {"GPU": 1.0} if s.use_gpu else {"CPU": 1.0}
+    if s.use_gpu:
+        return {"GPU": 1.0}
+    return {"CPU": float(cpu_share(s.num_workers))}
 
 
-def check_placement(config: TrainConfig) -> None:
+def cpu_share(num_workers: int) -> int:
+    """Whole CPUs per worker: the free CPUs split evenly, capped by the biggest node, at least 1."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    biggest = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return max(1, int(min(free // num_workers, biggest)))
+
+
+def check_placement(config: TrainConfig, resources: dict[str, float] | None = None) -> None:
     """More workers than the cluster can place is an error now, not a job that waits forever.
 
     Counts how many workers fit on each alive node (by its total resources) and compares with
@@ -162,7 +193,7 @@ def check_placement(config: TrainConfig) -> None:
     import ray
 
     s = config.scaling
-    need = {k: v for k, v in worker_resources(config).items() if v > 0}
+    need = {k: v for k, v in (resources or worker_resources(config)).items() if v > 0}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     capacity = 0
     for node in nodes:
