@@ -31,6 +31,7 @@ from raybooth.jobs.train.checkpoints import (
     TrainingState,
     checkpoint_dir_name,
     load_checkpoint,
+    load_checkpoint_or,
     restore_rng,
     write_checkpoint,
 )
@@ -266,7 +267,8 @@ def resume_state(job: WorkerJob, rank: int) -> TrainingState | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            return load_checkpoint(directory, rank)
+            # A truncated latest checkpoint: the previous complete one the driver chose instead.
+            return load_checkpoint_or(directory, job.resume_path, rank)
     if job.resume_path is not None:
         return load_checkpoint(job.resume_path, rank)
     return None
