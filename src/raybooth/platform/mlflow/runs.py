@@ -315,10 +315,6 @@ class RunTracker:
         if self._sender.close(timeout_s):
             shutil.rmtree(self._tmp, ignore_errors=True)
 
-    @property
-    def delivered_metrics(self) -> int:
-        return sum(len(steps) for steps in self._logged_steps.values())
-
     # ---------------------------------------------------------------- delivery (sender thread)
 
     def _deliver(self, batch: list[_Item]) -> None:
