@@ -16,6 +16,7 @@ import torch
 from raybooth.jobs.train.data import (
     CLASS_STREAM,
     INSTANCE_STREAM,
+    NOISE_STREAM,
     ImageLatents,
     PromptEmbeddings,
     Stream,
@@ -23,7 +24,7 @@ from raybooth.jobs.train.data import (
     derive_seed,
     load_images,
 )
-from raybooth.jobs.train.loop import NOISE_STREAM
+
 from raybooth.jobs.train.loss import dreambooth_loss, noisy_batch
 from raybooth.jobs.train.model import load_train_models, make_lr_scheduler, make_optimizer
 from raybooth.platform.config import TrainConfig

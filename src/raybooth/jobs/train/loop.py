@@ -59,6 +59,7 @@ from raybooth.jobs.train.model import (
     trainable_state,
 )
 from raybooth.platform.config import TrainConfig
+from raybooth.platform.devices import use_assigned_cpus
 from raybooth.platform.models import resolve_model
 from raybooth.platform.paths import replace_into, write_json_atomic
 
@@ -83,6 +84,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps
     )
     device = accelerator.device
+    if device.type == "cpu":
+        use_assigned_cpus()  # torch's threads = the CPUs this worker reserved (Ray says 1 otherwise)
     weight_dtype = MIXED_PRECISION_DTYPES[t.mixed_precision]
     set_seed(t.seed)  # the same on every rank: identical LoRA initialisation everywhere
 
