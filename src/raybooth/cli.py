@@ -53,15 +53,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    from raybooth.platform.generation import GENERATION_DEFAULTS
-
 
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--steps", type=int, default=GENERATION_DEFAULTS.steps)
-    p.add_argument("--guidance-scale", type=float, default=GENERATION_DEFAULTS.guidance_scale)
-    p.add_argument("--scheduler", default=GENERATION_DEFAULTS.scheduler)
+    # None: the model's own recommended settings (raybooth-defaults.json in its folder), else
+    # raybooth's global defaults (raybooth.platform.generation.GENERATION_DEFAULTS).
+    p.add_argument("--steps", type=int, default=None, help="default: the model's, else 20")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's, else 7.5")
+    p.add_argument("--scheduler", default=None, help="default: the model's, else ddim")
     p.add_argument("--seed", type=int, default=None, help="image k uses seed+k; random when absent")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -110,17 +110,26 @@ def _write(out: Path, command: str, images, seeds, record: dict) -> list[Path]:
     return written
 
 
+def _params(cls, args: argparse.Namespace, model_dir=None, **extra):
+    """The call's parameters: what the command line gave, the rest from the model's defaults."""
+    from raybooth.platform.generation import defaults_for
+
+    d = defaults_for(model_dir)
+    return cls(steps=d.steps if args.steps is None else args.steps,
+               guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+               scheduler=d.scheduler if args.scheduler is None else args.scheduler,
+               height=args.height, width=args.width, **extra)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from raybooth.platform.generation import GenerationParams
 
-    params = GenerationParams(steps=args.steps, guidance_scale=args.guidance_scale,
-                              scheduler=args.scheduler, height=args.height, width=args.width)
-    params.check()
+    _params(GenerationParams, args).check()  # what was given, checked before any model loads
     seeds = _seeds(args)
     runner, lora = _runner(args)
-    params.lora = lora
+    params = _params(GenerationParams, args, runner.resolved.path, lora=lora)
     t0 = time.perf_counter()
     prompts = [args.prompt] * len(seeds)
     negatives = [args.negative_prompt] * len(seeds) if args.negative_prompt else None
@@ -137,20 +146,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_inpaint(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from raybooth.platform.images import check_same_size, open_image, open_mask
     from raybooth.platform.generation import InpaintParams
+    from raybooth.platform.images import check_same_size, open_image, open_mask
 
-    params = InpaintParams(steps=args.steps, guidance_scale=args.guidance_scale,
-                           scheduler=args.scheduler, height=args.height, width=args.width,
-                           strength=args.strength, mask_blur=args.mask_blur,
-                           crop_margin=args.crop_margin)
-    params.check()
+    extra = dict(strength=args.strength, mask_blur=args.mask_blur, crop_margin=args.crop_margin)
+    _params(InpaintParams, args, **extra).check()  # what was given, checked before any model loads
     image = open_image(args.image, name=str(args.image))
     mask = open_mask(args.mask, name=str(args.mask))
     check_same_size(image, mask, str(args.image), str(args.mask))
     seeds = _seeds(args)
     runner, lora = _runner(args)
-    params.lora = lora
+    params = _params(InpaintParams, args, runner.resolved.path, lora=lora, **extra)
     t0 = time.perf_counter()
     n = len(seeds)
     negatives = [args.negative_prompt] * n if args.negative_prompt else None

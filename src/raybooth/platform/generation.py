@@ -8,8 +8,10 @@ read the defaults and validate a request without loading the ML stack.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Iterable
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
+from pathlib import Path
 
 from raybooth.platform.errors import UserError
 from raybooth.platform.schedulers import check_scheduler
@@ -28,6 +30,25 @@ class GenerationDefaults:
 
 
 GENERATION_DEFAULTS = GenerationDefaults()
+
+# A model folder may carry the settings it was made for (the toy models want guidance 4 and 25
+# steps, not Stable Diffusion's 7.5 / 20): `{"steps": …, "guidance_scale": …, "scheduler": …}`.
+MODEL_DEFAULTS_FILE = "raybooth-defaults.json"
+
+
+def defaults_for(model_dir: str | Path | None) -> GenerationDefaults:
+    """The model's own recommended settings where its folder has them, else the global ones."""
+    if model_dir is None:
+        return GENERATION_DEFAULTS
+    path = Path(model_dir) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return GENERATION_DEFAULTS
+    try:
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(GenerationDefaults)}
+        return replace(GENERATION_DEFAULTS, **{k: v for k, v in data.items() if k in known})
+    except (OSError, ValueError, TypeError):
+        return GENERATION_DEFAULTS  # a damaged hint is not worth failing a generation for
 
 
 @dataclass

@@ -313,6 +313,7 @@ def run_validation(config: TrainConfig, models, accelerator, run_dir: Path, step
         accelerator.unwrap_model(models.unet), models.vae, accelerator.unwrap_model(models.text_encoder),
         models.tokenizer, models.noise_scheduler.config, t.validation_prompts, t.seed, t.resolution,
         t.validation_steps, device, weight_dtype if t.mixed_precision != "no" else None,
+        models.generation_defaults,
     )
     path = grid_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,11 @@ import torch
 
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import ConfigError
+from raybooth.platform.generation import (
+    GENERATION_DEFAULTS,
+    GenerationDefaults,
+    defaults_for,
+)
 from raybooth.platform.lora import add_lora
 from raybooth.platform.models import ResolvedModel, load_components
 from raybooth.platform.quiet import quiet_libraries
@@ -28,6 +33,8 @@ class TrainModels:
     noise_scheduler: Any
     # The modules with trainable parameters, by the name their weights are saved under.
     trainables: dict[str, Any] = field(default_factory=dict)
+    # How the base model likes to be sampled (validation grids use it).
+    generation_defaults: GenerationDefaults = GENERATION_DEFAULTS
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
@@ -91,6 +98,7 @@ def load_train_models(config: TrainConfig, resolved: ResolvedModel, device: torc
     return TrainModels(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=comps["tokenizer"],
         noise_scheduler=noise_scheduler, trainables=trainables,
+        generation_defaults=defaults_for(resolved.path),
     )
 
 

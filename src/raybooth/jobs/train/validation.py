@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from raybooth.platform.generation import GENERATION_DEFAULTS
+from raybooth.platform.generation import GENERATION_DEFAULTS, GenerationDefaults
 from raybooth.platform.schedulers import make_scheduler
 
 
@@ -28,12 +28,13 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
 @torch.no_grad()
 def validation_grid(unet, vae, text_encoder, tokenizer, scheduler_config, prompts: list[str],
                     seed: int, resolution: int, steps: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None) -> Image.Image:
+                    autocast_dtype: torch.dtype | None,
+                    defaults: GenerationDefaults = GENERATION_DEFAULTS) -> Image.Image:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=make_scheduler(GENERATION_DEFAULTS.scheduler, scheduler_config),
+        scheduler=make_scheduler(defaults.scheduler, scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -47,7 +48,7 @@ def validation_grid(unet, vae, text_encoder, tokenizer, scheduler_config, prompt
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = pipe(
                     prompt=list(prompts), num_inference_steps=steps,
-                    guidance_scale=GENERATION_DEFAULTS.guidance_scale,
+                    guidance_scale=defaults.guidance_scale,
                     height=resolution, width=resolution, generator=generators, output_type="pil",
                 )
     finally:
