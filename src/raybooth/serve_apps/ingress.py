@@ -29,6 +29,7 @@ from raybooth.platform.errors import UserError
 from raybooth.serve_apps.auth import ApiKeys
 from raybooth.serve_apps.catalog import Catalog, Route
 from raybooth.serve_apps.http_errors import STATUS_CODES, ApiError, error_response, from_user_error
+from raybooth.serve_apps.playground import PLAYGROUND_PATHS, add_playground_routes
 from raybooth.serve_apps.batching import ImageJob, JobResult
 from raybooth.serve_apps.schemas import (
     EditRequest,
@@ -51,7 +52,7 @@ from raybooth.serve_apps.uploads import (
 
 logger = logging.getLogger("ray.serve")
 
-OPEN_PATHS = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+OPEN_PATHS = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", *PLAYGROUND_PATHS}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)
 }
@@ -256,6 +257,7 @@ def build_api(server: Ingress) -> FastAPI:
         job = _job(INPAINTING, req, params, route, request.state.request_id, image=image, mask=mask)
         return await _answer(server, request, route, job, req, params, started)
 
+    add_playground_routes(app, server.args)  # the page at / and /playground
     return app
 
 
