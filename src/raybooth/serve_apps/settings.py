@@ -138,9 +138,6 @@ class AppArgs(Section):
     mlflow_ui_url: str | None = Field(
         default=None, pattern=r"^https?://", description="the MLflow UI the playground page links to"
     )
-    mlflow_ui_url: str | None = Field(
-        default=None, pattern=r"^https?://", description="the MLflow UI the playground page links to"
-    )
 
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":
