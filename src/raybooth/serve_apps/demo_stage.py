@@ -1,9 +1,8 @@
 """The demo's serving stage: start the Serve app on a free port, send one generation and one
 inpainting request over HTTP, save what comes back, shut Serve down.
 
-What it serves: the subject trained by the demo's training stage when there is one (a LoRA
-adapter onto its base model, or a full model as its own deployment, from the MLflow registry when
-it was registered), else the built-in tiny models.
+What it serves is the demo's choice (`DemoServing`: the app's `args` and the requests to send);
+`report` is the demo's report (say / save / figure / add / next_steps).
 """
 
 from __future__ import annotations
@@ -15,11 +14,13 @@ import socket
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from raybooth.platform.images import png_bytes
 from raybooth.serve_apps.deploy import app_url, deploy, wait_http, wait_running
 
 APP = "raybooth"
@@ -29,44 +30,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _registered_or_folder(state: dict[str, Any], folder: str | None) -> str | None:
-    """The registry reference (the promoted alias when the MLflow stage moved one) when it
-    resolves here (its files are then in the local cache the replicas read), else the folder."""
-    uri = state.get("champion_uri") or (state.get("train_summary") or {}).get("model_uri")
-    if uri:
-        from raybooth.platform.errors import UserError
-        from raybooth.platform.models import resolve_model
-
-        try:
-            resolve_model(uri)
-            return uri
-        except UserError as exc:
-            print(f"[demo] {uri} does not resolve ({exc.message}); serving {folder} instead", flush=True)
-    return folder
-
-
-def demo_args(state: dict[str, Any]) -> tuple[dict[str, Any], str, str, str]:
-    """(app args, model for generation, model for inpainting, what is served, in words)."""
-    summary = state.get("train_summary") or {}
-    limits = {"max_side": 256}
-    if summary.get("lora_path"):
-        base = summary.get("base_model") or "tiny"
-        subjects = {"demo-subject": _registered_or_folder(state, str(summary["lora_path"]))}
-        spec = {"name": "base", "model": base, "subjects": subjects, "warmup_steps": 1}
-        args = {"text_to_image": [spec], "inpainting": [spec], "limits": limits}
-        return args, "demo-subject", "demo-subject", f"the trained LoRA subject {subjects['demo-subject']} on {base}"
-    trained = _registered_or_folder(state, state.get("trained_model") or summary.get("model_path"))
-    if trained:
-        spec = {"name": "demo-subject", "model": str(trained), "warmup_steps": 1}
-        # A DreamBooth model is a 4-channel model: it inpaints its subject by latent blending.
-        args = {"text_to_image": [spec], "inpainting": [spec], "limits": limits}
-        return args, "demo-subject", "demo-subject", f"the trained subject ({trained})"
-    args = {"text_to_image": [{"name": "tiny", "model": "tiny", "warmup_steps": 1}],
-            "inpainting": [{"name": "tiny-inpainting", "model": "tiny-inpainting", "warmup_steps": 1}],
-            "limits": limits}
-    return args, "tiny", "tiny-inpainting", "the tiny models"
 
 
 def demo_config(args: dict[str, Any], port: int) -> dict[str, Any]:
@@ -103,72 +66,86 @@ def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, 
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _image(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
 
 
-def run_serve_stage(demo: Any, scene: tuple[Image.Image, Image.Image]) -> None:
+@dataclass(frozen=True)
+class DemoServing:
+    """What to serve (the app's `args`) and what to ask it."""
+
+    args: dict[str, Any]
+    description: str  # what is served, in words
+    generation_model: str
+    generation_prompt: str
+    inpainting_model: str
+    inpainting_prompt: str
+    steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class ServeOutcome:
+    images: int
+    unmasked_pixels_unchanged: bool
+    start_s: float
+
+
+def run_serve_stage(report: Any, serving: DemoServing, scene: tuple[Image.Image, Image.Image]) -> ServeOutcome:
     import ray
     from ray import serve
 
-    args, gen_model, edit_model, what = demo_args(demo.state)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    config = demo_config(args, _free_port())
+        ray.init(include_dashboard=False, log_to_driver=False)
+    config = demo_config(serving.args, _free_port())
     url = app_url(config)
-    demo.say(f"starting Ray Serve with {what} at {url}")
+    report.say(f"starting Ray Serve with {serving.description} at {url}")
     t0 = time.perf_counter()
     deploy(config)
     try:
         wait_running([APP], 600)
         wait_http(url + "/healthz", 60)
-        demo.say(f"Serve app running after {time.perf_counter() - t0:.0f} s")
-
-        prompt = "a photo of sks toy on a beach" if gen_model == "demo-subject" else "a photo of a toy robot"
-        gen = _post(url + "/v1/images/generations",
-                    json.dumps({"prompt": prompt, "model": gen_model, "n": 2, "seed": 7, "steps": 8}).encode(),
-                    "application/json")
-        paths = []
+        start_s = time.perf_counter() - t0
+        report.say(f"Serve app running after {start_s:.0f} s")
+        common = {"steps": serving.steps, "guidance_scale": serving.guidance_scale}
+        gen = _post(url + "/v1/images/generations", json.dumps({
+            "prompt": serving.generation_prompt, "model": serving.generation_model, "n": 2, "seed": 7, **common,
+        }).encode(), "application/json")
+        figures = []
         for i, item in enumerate(gen["data"]):
-            paths.append(demo.out / f"serve-generate-{i}.png")
-            _image(item["b64_json"]).resize((128, 128), Image.NEAREST).save(paths[-1])
-        demo.say(f"POST /v1/images/generations: {len(gen['data'])} images, batch_size {gen['batch_size']}, "
-                 f"inference {gen['timings']['inference_s']:.2f} s")
+            name = report.save(_image(item["b64_json"]), f"serve-generate-{i}.png")
+            figures.append(report.figure(name, f"{serving.generation_prompt} (seed {7 + i})"))
+        report.say(f"POST /v1/images/generations: {len(gen['data'])} images, batch_size {gen['batch_size']}, "
+                   f"inference {gen['timings']['inference_s']:.2f} s")
 
         image, mask = scene
         body, content_type = _multipart(
-            {"prompt": "a red barn", "model": edit_model, "seed": "3", "steps": "8", "crop_margin": "8"},
-            {"image": _png(image), "mask": _png(mask)},
+            {"prompt": serving.inpainting_prompt, "model": serving.inpainting_model, "seed": "3",
+             **{k: str(v) for k, v in common.items()}},
+            {"image": png_bytes(image), "mask": png_bytes(mask)},
         )
         edit = _post(url + "/v1/images/edits", body, content_type)
         edited = _image(edit["data"][0]["b64_json"])
-        keep = np.asarray(mask) == 0
+        keep = np.asarray(mask.convert("L")) == 0
         kept = bool((np.asarray(edited)[keep] == np.asarray(image.convert("RGB"))[keep]).all())
-        paths.append(demo.out / "serve-inpaint.png")
-        edited.save(paths[-1])
-        demo.say(f"POST /v1/images/edits (multipart): unmasked pixels unchanged = {kept}")
-        (demo.out / "serve-responses.json").write_text(json.dumps({
+        figures.append(report.figure(report.save(image, "serve-inpaint-input.png"), "input"))
+        figures.append(report.figure(report.save(mask, "serve-inpaint-mask.png"), "mask (white = repaint)"))
+        figures.append(report.figure(report.save(edited, "serve-inpaint.png"),
+                                     f"{serving.inpainting_prompt}; outside the mask unchanged: {kept}", kept))
+        report.say(f"POST /v1/images/edits (multipart): unmasked pixels unchanged = {kept}")
+        (report.out / "serve-responses.json").write_text(json.dumps({
             "generation": {k: v for k, v in gen.items() if k != "data"},
             "edit": {k: v for k, v in edit.items() if k != "data"},
         }, indent=2))
-        demo.state["serve"] = {"served": what, "generation_model": gen_model, "inpainting_model": edit_model,
-                               "unmasked_pixels_unchanged": kept}
-        demo.add(
-            f"Ray Serve over HTTP: {what}",
-            paths,
-            f"two images from POST /v1/images/generations (model {gen_model!r}, seeds 7 and 8) and one "
-            f"from POST /v1/images/edits (model {edit_model!r}); the request/response records are in "
-            "serve-responses.json",
+        report.add(
+            f"Ray Serve over HTTP: {serving.description}",
+            figures,
+            f"POST /v1/images/generations (model {serving.generation_model!r}) and POST /v1/images/edits as "
+            f"multipart (model {serving.inpainting_model!r}); request/response records in serve-responses.json",
         )
     finally:
         serve.shutdown()
-    demo.next_steps.append("raybooth serve --config configs/serve/local.yaml   "
-                           "(then open http://127.0.0.1:8000/docs)")
-    demo.next_steps.append("serve deploy configs/serve/gpu.yaml -a http://<head>:8265   "
-                           "(GPU cluster: SD 1.5 + SD inpainting, fp16, autoscaling)")
+    report.next_steps.append("raybooth serve --config configs/serve/local.yaml   (then open http://127.0.0.1:8000/)")
+    report.next_steps.append("serve deploy configs/serve/gpu.yaml -a http://<head>:8265   "
+                             "(GPU cluster: SD 1.5 + SD inpainting, fp16, autoscaling)")
+    return ServeOutcome(images=len(gen["data"]), unmasked_pixels_unchanged=kept, start_s=round(start_s, 1))

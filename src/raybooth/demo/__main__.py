@@ -1,0 +1,5 @@
+import sys
+
+from raybooth.demo.run import main
+
+sys.exit(main())
