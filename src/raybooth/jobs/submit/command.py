@@ -25,6 +25,7 @@ from raybooth.platform.errors import UserError
 SUBMITTABLE = ("train", "tune", "evaluate", "priors")
 WITH_SUMMARY = ("train", "tune", "evaluate")
 PROBE_TIMEOUT_S = 120.0
+PROBE_PREFIX = "raybooth-versions-"
 STOP_TIMEOUT_S = 60.0
 
 
@@ -83,7 +84,7 @@ def cluster_versions(client, address: str):
 
     job_id = client.submit_job(
         entrypoint=probe_entrypoint(),
-        submission_id=f"raybooth-versions-{secrets.token_hex(4)}",
+        submission_id=f"{PROBE_PREFIX}{secrets.token_hex(4)}",
         runtime_env={"env_vars": dict(ALWAYS)},
         metadata={"raybooth.command": "version-probe"},
     )
@@ -91,8 +92,7 @@ def cluster_versions(client, address: str):
     logs = client.get_job_logs(job_id)
     if status not in TERMINAL:
         client.stop_job(job_id)
-    else:
-        client.delete_job(job_id)
+    # Not deleted: Ray's delete can leave a half-record behind; `raybooth jobs list` hides probes.
     versions = parse_probe_output(logs)
     if versions is None:
         raise UserError(
@@ -178,6 +178,7 @@ def register_jobs(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="jobs_command", required=True)
 
     ls = sub.add_parser("list", help="every job on the cluster, newest last")
+    ls.add_argument("--all", action="store_true", help="also submit's version probes")
     _address_arg(ls)
     ls.set_defaults(func=cmd_jobs_list)
 
@@ -202,6 +203,8 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 
     _, client = connect(args.address)
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    if not args.all:
+        jobs = [j for j in jobs if not (j.submission_id or "").startswith(PROBE_PREFIX)]
     rows = [("ID", "STATUS", "STARTED", "SECONDS", "COMMAND")]
     for job in jobs:
         end = job.end_time or (time.time() * 1000 if job.start_time else None)
