@@ -76,6 +76,8 @@
       const problem = await readProblem(resp);
       if (resp.status === 401 && keyTries < 3) {
         keyTries += 1;
+        if (key) sessionStorage.removeItem(KEY_STORAGE); // rejected: do not send it again
+        showKeyState();
         const reason = key ? "The server did not accept that API key. Enter a valid key."
                            : "This server needs an API key.";
         if (await askForKey(reason)) continue;
@@ -548,15 +550,21 @@
     const maskCanvas = $("inp-mask-canvas");
     const cursor = $("brush-cursor");
     const brush = $("inp-brush");
-    const mask = maskCanvas.getContext("2d", { willReadFrequently: true });
+    const ctx = maskCanvas.getContext("2d");
+    // The mask itself: one byte per image pixel, 1 = repaint. The overlay canvas only shows it,
+    // so what is seen is exactly what is sent (no anti-aliased edge to guess about).
+    let bits = new Uint8Array(0);
+    let overlay = null; // ImageData of the overlay canvas
+    let width = 0;
+    let height = 0;
     let drawing = false;
     let last = null;
     let keyPos = null; // keyboard brush position, in image pixels
     const self = { source: null };
     stack.classList.add("no-image");
 
-    const tool = () => document.querySelector("input[name=tool]:checked").value;
-    const scale = () => maskCanvas.width / (maskCanvas.getBoundingClientRect().width || maskCanvas.width);
+    const erasing = () => document.querySelector("input[name=tool]:checked").value === "eraser";
+    const scale = () => width / (maskCanvas.getBoundingClientRect().width || width || 1);
     const radius = () => Math.max(0.5, (Number(brush.value) / 2) * scale());
 
     function toImage(event) {
@@ -564,34 +572,49 @@
       return { x: (event.clientX - rect.left) * scale(), y: (event.clientY - rect.top) * scale() };
     }
 
-    function stroke(from, to) {
-      mask.save();
-      mask.globalCompositeOperation = tool() === "eraser" ? "destination-out" : "source-over";
-      mask.strokeStyle = mask.fillStyle = `rgb(${TINT.join(",")})`;
-      mask.lineWidth = radius() * 2;
-      mask.lineCap = mask.lineJoin = "round";
-      mask.beginPath();
-      if (from) {
-        mask.moveTo(from.x, from.y);
-        mask.lineTo(to.x, to.y);
-        mask.stroke();
-      } else {
-        mask.arc(to.x, to.y, radius(), 0, Math.PI * 2);
-        mask.fill();
+    // Show the pixels of a box of the mask on the overlay.
+    function render(x0 = 0, y0 = 0, x1 = width, y1 = height) {
+      const px = overlay.data;
+      for (let y = y0; y < y1; y++) {
+        for (let x = x0; x < x1; x++) {
+          const i = y * width + x;
+          const o = i * 4;
+          px[o] = TINT[0]; px[o + 1] = TINT[1]; px[o + 2] = TINT[2]; px[o + 3] = bits[i] ? 255 : 0;
+        }
       }
-      mask.restore();
+      ctx.putImageData(overlay, 0, 0, x0, y0, x1 - x0, y1 - y0);
     }
 
-    // Snap the anti-aliased edge to on/off, so the overlay shows exactly the mask that is sent.
-    function harden(invert = false) {
-      const { width, height } = maskCanvas;
-      const data = mask.getImageData(0, 0, width, height);
-      const px = data.data;
-      for (let i = 0; i < px.length; i += 4) {
-        const on = (px[i + 3] >= 128) !== invert;
-        px[i] = TINT[0]; px[i + 1] = TINT[1]; px[i + 2] = TINT[2]; px[i + 3] = on ? 255 : 0;
+    // A round dab: every pixel whose centre lies within the brush.
+    function dab(at, value) {
+      const r = radius();
+      const x0 = Math.max(0, Math.floor(at.x - r)), x1 = Math.min(width, Math.ceil(at.x + r) + 1);
+      const y0 = Math.max(0, Math.floor(at.y - r)), y1 = Math.min(height, Math.ceil(at.y + r) + 1);
+      for (let y = y0; y < y1; y++) {
+        for (let x = x0; x < x1; x++) {
+          const dx = x + 0.5 - at.x, dy = y + 0.5 - at.y;
+          if (dx * dx + dy * dy <= r * r) bits[y * width + x] = value;
+        }
       }
-      mask.putImageData(data, 0, 0);
+      return [x0, y0, x1, y1];
+    }
+
+    function stroke(from, to) {
+      const value = erasing() ? 0 : 1;
+      const points = [to];
+      if (from) {
+        const gap = Math.max(0.5, radius() / 3);
+        const steps = Math.ceil(Math.hypot(to.x - from.x, to.y - from.y) / gap);
+        for (let s = 1; s < steps; s++) {
+          points.push({ x: from.x + ((to.x - from.x) * s) / steps, y: from.y + ((to.y - from.y) * s) / steps });
+        }
+      }
+      let box = [width, height, 0, 0];
+      for (const p of points) {
+        const [x0, y0, x1, y1] = dab(p, value);
+        box = [Math.min(box[0], x0), Math.min(box[1], y0), Math.max(box[2], x1), Math.max(box[3], y1)];
+      }
+      if (box[2] > box[0] && box[3] > box[1]) render(...box);
     }
 
     function showCursor(pos) {
@@ -614,6 +637,7 @@
       clearFieldError($("inp-mask-error"));
     });
     maskCanvas.addEventListener("pointermove", (event) => {
+      if (!self.source) return;
       const pos = toImage(event);
       showCursor(pos);
       if (!drawing) return;
@@ -621,7 +645,6 @@
       last = pos;
     });
     const stop = () => {
-      if (drawing) harden();
       drawing = false;
       last = null;
     };
@@ -632,7 +655,7 @@
     // Keyboard: arrows move the brush (Shift: further), Space/Enter paints, [ and ] resize.
     maskCanvas.addEventListener("focus", () => {
       if (!self.source) return;
-      keyPos = keyPos || { x: maskCanvas.width / 2, y: maskCanvas.height / 2 };
+      keyPos = keyPos || { x: width / 2, y: height / 2 };
       showCursor(keyPos);
     });
     maskCanvas.addEventListener("blur", () => showCursor(null));
@@ -640,14 +663,13 @@
       if (!self.source) return;
       const step = Math.max(1, radius()) * (event.shiftKey ? 2 : 0.5);
       const moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
-      keyPos = keyPos || { x: maskCanvas.width / 2, y: maskCanvas.height / 2 };
+      keyPos = keyPos || { x: width / 2, y: height / 2 };
       if (moves[event.key]) {
         const [dx, dy] = moves[event.key];
-        keyPos = { x: Math.min(maskCanvas.width, Math.max(0, keyPos.x + dx)),
-                   y: Math.min(maskCanvas.height, Math.max(0, keyPos.y + dy)) };
+        keyPos = { x: Math.min(width, Math.max(0, keyPos.x + dx)), y: Math.min(height, Math.max(0, keyPos.y + dy)) };
       } else if (event.key === " " || event.key === "Enter") {
         stroke(null, keyPos);
-        harden();
+        clearFieldError($("inp-mask-error"));
       } else if (event.key === "[" || event.key === "]") {
         brush.value = Number(brush.value) + (event.key === "]" ? 4 : -4);
       } else {
@@ -658,12 +680,19 @@
     });
     brush.addEventListener("input", () => { if (keyPos && document.activeElement === maskCanvas) showCursor(keyPos); });
 
-    $("inp-clear").addEventListener("click", () => mask.clearRect(0, 0, maskCanvas.width, maskCanvas.height));
-    $("inp-invert").addEventListener("click", () => { if (self.source) harden(true); });
+    $("inp-clear").addEventListener("click", () => {
+      if (!self.source) return;
+      bits.fill(0);
+      render();
+    });
+    $("inp-invert").addEventListener("click", () => {
+      if (!self.source) return;
+      for (let i = 0; i < bits.length; i++) bits[i] ^= 1;
+      render();
+    });
 
     self.layout = () => {
-      if (!self.source) return;
-      stack.style.aspectRatio = `${maskCanvas.width} / ${maskCanvas.height}`;
+      if (self.source) stack.style.aspectRatio = `${width} / ${height}`;
     };
 
     self.load = async (blob) => {
@@ -674,38 +703,36 @@
         throw new Problem("that file is not an image this browser can read", { field: "image" });
       }
       self.source = blob; // sent as it is: pixels outside the mask come back unchanged
+      width = bitmap.width;
+      height = bitmap.height;
       for (const canvas of [imageCanvas, maskCanvas]) {
-        canvas.width = bitmap.width;
-        canvas.height = bitmap.height;
+        canvas.width = width;
+        canvas.height = height;
       }
       imageCanvas.getContext("2d").drawImage(bitmap, 0, 0);
-      mask.clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+      bits = new Uint8Array(width * height);
+      overlay = ctx.createImageData(width, height);
+      render();
       keyPos = null;
       stack.classList.remove("no-image");
       self.layout();
     };
 
-    self.hasMask = () => {
-      const px = mask.getImageData(0, 0, maskCanvas.width, maskCanvas.height).data;
-      for (let i = 3; i < px.length; i += 4) if (px[i] >= 128) return true;
-      return false;
-    };
+    self.hasMask = () => bits.includes(1);
 
     // White where painted, black elsewhere, at the image's size.
     self.maskPng = () => {
-      const { width, height } = maskCanvas;
       const out = document.createElement("canvas");
       out.width = width;
       out.height = height;
-      const ctx = out.getContext("2d");
-      const src = mask.getImageData(0, 0, width, height).data;
-      const img = ctx.createImageData(width, height);
-      for (let i = 0; i < src.length; i += 4) {
-        const v = src[i + 3] >= 128 ? 255 : 0;
-        img.data[i] = img.data[i + 1] = img.data[i + 2] = v;
-        img.data[i + 3] = 255;
+      const octx = out.getContext("2d");
+      const img = octx.createImageData(width, height);
+      for (let i = 0; i < bits.length; i++) {
+        const v = bits[i] ? 255 : 0;
+        img.data[4 * i] = img.data[4 * i + 1] = img.data[4 * i + 2] = v;
+        img.data[4 * i + 3] = 255;
       }
-      ctx.putImageData(img, 0, 0);
+      octx.putImageData(img, 0, 0);
       return new Promise((resolve) => out.toBlob(resolve, "image/png"));
     };
 
