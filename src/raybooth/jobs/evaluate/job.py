@@ -52,14 +52,14 @@ SUBJECT_FIELD = "subject.instance_data_dir"
 class EvalInputs:
     """What the driver checked and resolved before Ray starts."""
 
-    resolved: ResolvedModel
+    resolved: ResolvedModel | None  # None: not checked (see check_inputs)
     lora: str | None
     dino: ResolvedEncoder
     clip: ResolvedEncoder
     prompts: list[EvalPrompt]
     real_paths: list[Path]
     real_pngs: list[bytes]
-    output_dir: Path
+    output_dir: Path | None
 
 
 @dataclass
@@ -113,10 +113,14 @@ def check_inputs(
     lora: str | None,
     subject: SubjectConfig,
     evaluation: EvaluationSection,
-    output_dir: str | Path,
+    output_dir: str | Path | None,
     resolved: ResolvedModel | None = None,
+    check_model: bool = True,
 ) -> EvalInputs:
-    """Every check that can fail on the user's input, on the driver — before Ray, any actor or GPU."""
+    """Every check that can fail on the user's input, on the driver — before Ray, any actor or GPU.
+
+    `check_model=False` skips the model (a training run checks the evaluation section before the
+    model it will judge exists); `output_dir=None` creates nothing."""
     ev = evaluation
     prompts = build_prompts(
         prompt_set=ev.prompt_set, prompts=ev.prompts, identifier=subject.identifier,
@@ -131,16 +135,17 @@ def check_inputs(
         )
     check_scheduler(ev.scheduler, field="evaluation.scheduler")
     real_paths, real_pngs = _real_images(subject.instance_data_dir)
-    if resolved is None:
+    if resolved is None and check_model:
         resolved = resolve_model(model, model_options)
     lora_path = _check_lora(lora)
     dino = resolve_encoder(ev.dino_encoder, DINO, model_options, ev.dino_revision)
     clip = resolve_encoder(ev.clip_encoder, CLIP, model_options, ev.clip_revision)
-    out = Path(output_dir).expanduser().resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output_dir: cannot create {out}: {exc.strerror}", field="output_dir") from None
+    out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output_dir: cannot create {out}: {exc.strerror}", field="output_dir") from None
     return EvalInputs(resolved, lora_path, dino, clip, prompts, real_paths, real_pngs, out)
 
 

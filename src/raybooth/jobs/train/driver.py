@@ -144,6 +144,10 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
     """
     started = time.perf_counter()
     inputs = check_inputs(config)
+    if config.evaluation is not None:
+        from raybooth.jobs.evaluate.training import check_training_evaluation
+
+        check_training_evaluation(config)  # a bad evaluation: section fails before training
     resume = check_resume(config, inputs)
     _ensure_ray()
     resources = worker_resources(config)
@@ -225,6 +229,11 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
 
             tracker.flush()
             summary = dataclasses.replace(summary, registration=register_training(config, summary))
+        if config.evaluation is not None:
+            from raybooth.jobs.evaluate.training import evaluate_training
+
+            # The exported model judged; metrics to this run, tags to the registered version.
+            evaluate_training(config, summary, tracker, progress=progress)
         summary = dataclasses.replace(summary, total_seconds=round(time.perf_counter() - started, 2))
         path = inputs.run_dir / SUMMARY_FILE
         summary.write(path)

@@ -1,0 +1,86 @@
+"""The end-of-training evaluation: a training config with an `evaluation:` section judges the
+exported model and puts the numbers on the same MLflow run and on the registered version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raybooth.platform.config import TrainConfig, with_overrides
+from raybooth.platform.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _config(storage: Path, name: str, **values) -> TrainConfig:
+    return with_overrides(TrainConfig(), {
+        "subject.instance_data_dir": str(REPO / "examples" / "demo-subject"),
+        "priors.enabled": False,
+        "train.resolution": 64,
+        "train.max_steps": 2,
+        "train.checkpoint_every": 2,
+        "train.validation_steps": 2,
+        "train.log_every": 1,
+        "scaling.num_workers": 1,
+        "run.storage_path": str(storage),
+        "run.name": name,
+        "tracking.enabled": True,
+        "tracking.experiment": "evaluate-e2e",
+        "tracking.register_as": name,
+        "evaluation": {
+            "prompts": ["a sks robot toy on the beach", "a red sks robot toy"],
+            "images_per_prompt": 2,
+            "dino_encoder": "tiny-dino",
+            "clip_encoder": "tiny-clip",
+            "num_actors": 1,
+            "steps": 2,
+            "resolution": 64,
+        },
+        **values,
+    })
+
+
+def test_a_bad_evaluation_section_fails_before_training(tmp_path):
+    config = _config(tmp_path, "bad-eval")
+    config = with_overrides(config, {"evaluation.prompts": None, "evaluation.prompt_set": "cats"})
+    from raybooth.jobs.train.driver import run_training
+
+    with pytest.raises(ConfigError, match="evaluation.prompt_set 'cats'"):
+        run_training(config, progress=False)
+    assert not list((tmp_path / "bad-eval").glob("checkpoint*"))
+
+
+@pytest.mark.timeout(420)
+def test_end_of_training_evaluation_lands_on_the_same_mlflow_run(ray_local, tmp_path):
+    import mlflow
+
+    from raybooth.jobs.evaluate.report import EvaluationReport
+    from raybooth.jobs.train.driver import run_training
+
+    name = "eval-e2e"
+    summary = run_training(_config(tmp_path, name), progress=False)
+    report_path = summary.run_dir / "evaluation" / "evaluation.json"
+    report = EvaluationReport.read(report_path)
+    assert report.counts["generated"] == 4
+    assert report.model["model_kind"] == "local" and report.model["model_path"] == str(summary.model_path)
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(summary.mlflow_run_id)  # the training run itself
+    assert run.info.status == "FINISHED"
+    for key in ("dino", "clip_i", "clip_t"):
+        history = client.get_metric_history(run.info.run_id, f"eval/{key}")
+        assert [(m.step, m.value) for m in history] == [(summary.steps, pytest.approx(report.metrics[key].mean))]
+        assert float(run.data.tags[f"raybooth.eval.{key}"]) == pytest.approx(report.metrics[key].mean, rel=1e-5)
+    assert "eval/real_dino" in run.data.metrics and "eval/clip_t_low" in run.data.metrics
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/evaluation.json", "evaluation/grid.png", "evaluation/images.json"} <= files
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation/images.json")).read_text())
+    assert "clip_t" in table["columns"] and len(table["data"]) == 4
+
+    version = client.get_model_version(name, summary.registration.registered_version)
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["eval.dino"]) == pytest.approx(report.metrics["dino"].mean, rel=1e-5)
+    assert "eval.real_clip_i" in version.tags
