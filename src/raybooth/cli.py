@@ -30,6 +30,7 @@ PART_COMMANDS: dict[str, tuple[str, str]] = {
     "priors": ("raybooth.jobs.priors.job:register",
                "make the class images for prior preservation (pool of Ray actors)"),
     "train": ("raybooth.jobs.train.driver:register", "DreamBooth fine-tuning on Ray Train"),
+    "toy": ("raybooth.jobs.toy.command:register", "the toy world: train the toy and toy-inpainting models"),
     "evaluate": ("raybooth.jobs.evaluate.command:register",
                  "subject fidelity as in the DreamBooth paper: DINO, CLIP-I, CLIP-T (Ray actors)"),
     "serve": ("raybooth.serve_apps.command:register",

@@ -1,6 +1,7 @@
 """Model references: one syntax everywhere (CLI, configs, the HTTP `model` field).
 
 - `tiny`, `tiny-inpainting` — the built-in tiny models (raybooth.platform.tiny)
+- `toy`, `toy-inpainting` — the toy world's trained models (raybooth.platform.toy.models)
 - a local directory in diffusers layout
 - `models:/NAME@ALIAS`, `models:/NAME/VERSION` — the MLflow registry (raybooth.platform.mlflow.refs)
 - a Hugging Face Hub id `org/name`, with revision, variant, cache dir and offline mode
@@ -24,6 +25,7 @@ from raybooth.platform.lora import WEIGHTS_NAME
 from raybooth.platform.mlflow.refs import MODELS_PREFIX, resolve_registered
 from raybooth.platform.quiet import quiet_libraries
 from raybooth.platform.tiny import TINY_BUILD, TINY_NAMES, tiny_model_path
+from raybooth.platform.toy.models import TOY_NAMES, toy_build, toy_model_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -39,7 +41,7 @@ class ResolvedModel:
     """A model reference made concrete: a local diffusers directory and where it came from."""
 
     ref: str
-    kind: str  # tiny | local | hub | mlflow
+    kind: str  # tiny | toy | local | hub | mlflow
     path: Path
     revision: str | None = None  # Hub commit, registry version, or tiny build
     variant: str | None = None
@@ -70,13 +72,13 @@ def check_model_ref(ref: str, field_name: str = "model") -> str:
     if not isinstance(ref, str) or not ref.strip():
         raise ModelError("the model reference is empty", field=field_name)
     ref = ref.strip()
-    if ref in TINY_NAMES or ref.startswith(MODELS_PREFIX) or HUB_ID.match(ref):
+    if ref in TINY_NAMES or ref in TOY_NAMES or ref.startswith(MODELS_PREFIX) or HUB_ID.match(ref):
         return ref
     if Path(ref).expanduser().is_dir():
         return ref
     raise ModelError(
         f"model {ref!r} is not a reference raybooth understands: use 'tiny', "
-        "'tiny-inpainting', a local diffusers directory, a Hub id like "
+        "'tiny-inpainting', 'toy', 'toy-inpainting', a local diffusers directory, a Hub id like "
         "'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'models:/NAME@ALIAS'",
         field=field_name,
     )
@@ -189,6 +191,8 @@ def resolve_model(ref: str, options: ModelOptions | None = None) -> ResolvedMode
     ref = check_model_ref(ref)
     if ref in TINY_NAMES:
         return ResolvedModel(ref=ref, kind="tiny", path=tiny_model_path(ref), revision=TINY_BUILD)
+    if ref in TOY_NAMES:
+        return ResolvedModel(ref=ref, kind="toy", path=toy_model_path(ref), revision=toy_build())
     if ref.startswith(MODELS_PREFIX):
         return _resolve_registered(ref, options)
     if Path(ref).expanduser().is_dir():
