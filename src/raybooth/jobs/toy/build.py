@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class BuildConfig:
     out: Path
     seed: int = 0
-    vae_steps: int = 400
+    vae_steps: int = 2000
     t2i: T2IConfig = field(default_factory=T2IConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     threads: int = 1
@@ -106,7 +106,7 @@ def build(cfg: BuildConfig, argv: list[str] | None = None) -> dict:
         vae, vae_curve = train_vae(cfg.seed, cfg.vae_steps)
         stats = fold_normalisation(vae, cfg.seed + 3)
         record["vae"] = {"curve": vae_curve, **stats,
-                         "palette_pixel_accuracy": reconstruction_accuracy(vae, cfg.seed + 4)}
+                         "reconstruction": reconstruction_accuracy(vae, cfg.seed + 4)}
         record["timings_s"]["vae"] = round(time.perf_counter() - t0, 1)
         log.info("vae %s", {k: v for k, v in record["vae"].items() if k != "curve"})
         save_fp16(vae, cfg.out / "vae")

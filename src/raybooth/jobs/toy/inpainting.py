@@ -84,7 +84,7 @@ def random_mask(scene: Scene, rng: np.random.Generator, resolution: int = RESOLU
 def caption_for(scene: Scene, object_mask: bool, rng: np.random.Generator) -> str:
     # The short form `a {colour} {shape}` is what a user types to repaint an object.
     if object_mask and rng.random() < 0.5:
-        return f"a {scene.colour} {scene.shape}"
+        return scene.partial_caption(keep_colour=True, keep_background=False)
     return scene.caption()
 
 

@@ -34,6 +34,7 @@ class T2IConfig:
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     caption_dropout: float = 0.1
+    partial_captions: float = 0.15  # share of captions with the colour and/or background left out
     dataset_size: int = 6000
     eval_every: int = 500
     eval_captions: int = 48
@@ -48,13 +49,21 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_dataset(vae, seed: int, n: int) -> tuple[torch.Tensor, list[str]]:
+def encode_dataset(vae, seed: int, n: int, partial: float) -> tuple[torch.Tensor, list[str]]:
     scenes = random_scenes(seed, n)
+    rng = np.random.default_rng(seed)
     latents = []
     for i in range(0, n, 512):
         x = to_tensor(render_batch(scenes[i: i + 512]))
         latents.append(vae.encode(x).latent_dist.mean)
-    return torch.cat(latents), [s.caption() for s in scenes]
+    captions = []
+    for s in scenes:
+        if rng.random() < partial:
+            keep_colour, keep_background = [(False, False), (True, False), (False, True)][rng.integers(3)]
+            captions.append(s.partial_caption(keep_colour, keep_background))
+        else:
+            captions.append(s.caption())
+    return torch.cat(latents), captions
 
 
 def make_pipeline(vae, text_encoder, tokenizer, unet, inpainting: bool = False):
@@ -83,7 +92,7 @@ def train_text_to_image(vae, tokenizer, seed: int, cfg: T2IConfig, on_eval: Call
     from transformers import CLIPTextConfig, CLIPTextModel
 
     t0 = time.perf_counter()
-    latents, captions = encode_dataset(vae, seed + 1, cfg.dataset_size)
+    latents, captions = encode_dataset(vae, seed + 1, cfg.dataset_size, cfg.partial_captions)
     ids = tokenize(tokenizer, captions)
     empty = tokenize(tokenizer, [""])[0]
     log.info("encoded %d latents in %.0fs", len(latents), time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from raybooth.jobs.toy.recipe import lr_factor
 from raybooth.platform.toy.architecture import vae_config
 from raybooth.platform.toy.world import random_scenes, render_batch
 
@@ -32,6 +33,7 @@ def train_vae(seed: int, steps: int, batch: int = 16, lr: float = 1e-3, kl_weigh
     torch.manual_seed(seed)
     vae = AutoencoderKL(**vae_config())
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 50, steps, floor=0.05))
     t0 = time.perf_counter()
     curve = []
     for step in range(steps):
@@ -44,6 +46,7 @@ def train_vae(seed: int, steps: int, batch: int = 16, lr: float = 1e-3, kl_weigh
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        sched.step()
         if step % 100 == 0 or step == steps - 1:
             curve.append({"step": step, "recon": rec.item(), "seconds": time.perf_counter() - t0})
             log.info("vae step %d recon %.4f (%.0fs)", step, rec.item(), time.perf_counter() - t0)
@@ -70,12 +73,21 @@ def fold_normalisation(vae, seed: int, n: int = 2048) -> dict:
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vae, seed: int, n: int = 256) -> float:
-    """Share of pixels whose palette colour survives encode -> decode (the judge's view)."""
-    from raybooth.platform.toy.judge import classify_pixels
+def reconstruction_accuracy(vae, seed: int, n: int = 256) -> dict:
+    """What survives encode -> decode, in the judge's eyes: the share of pixels keeping their
+    palette colour, and of images whose background, colour and shape the judge still reads.
+    This is the ceiling of every score the diffusion model can reach."""
+    from raybooth.platform.toy.judge import classify_pixels, judge
 
-    images = render_batch(random_scenes(seed, n))
+    scenes = random_scenes(seed, n)
+    images = render_batch(scenes)
     recon = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample
     out = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     same = [(classify_pixels(a) == classify_pixels(b)).mean() for a, b in zip(images, out)]
-    return float(np.mean(same))
+    reads = [judge(o) for o in out]
+    return {
+        "pixels": float(np.mean(same)),
+        "background": float(np.mean([r.background == s.background for r, s in zip(reads, scenes)])),
+        "colour": float(np.mean([r.colour == s.colour for r, s in zip(reads, scenes)])),
+        "shape": float(np.mean([r.shape == s.shape for r, s in zip(reads, scenes)])),
+    }

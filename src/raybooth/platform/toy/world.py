@@ -39,6 +39,13 @@ class Scene:
     def caption(self) -> str:
         return CAPTION.format(colour=self.colour, shape=self.shape, background=self.background)
 
+    def partial_caption(self, keep_colour: bool, keep_background: bool) -> str:
+        """The caption with the object colour and/or the background left out (`a circle`,
+        `a red circle`, `a circle on a blue background`): DreamBooth's class prompt `a {shape}`
+        and inpainting's `a {colour} {shape}` are then prompts the model has seen."""
+        text = f"a {self.colour} {self.shape}" if keep_colour else f"a {self.shape}"
+        return f"{text} on a {self.background} background" if keep_background else text
+
 
 def shape_mask(shape: str, size: float, resolution: int = RESOLUTION, supersample: int = 4) -> np.ndarray:
     """Boolean (H, W) mask of `shape` centred in the image, bounding-box side `size` × resolution."""
