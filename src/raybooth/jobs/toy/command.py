@@ -31,6 +31,22 @@ def register(subparsers: Any) -> None:
     b.add_argument("--skip-t2i", action="store_true",
                    help="reuse the VAE, text encoder and UNet already in --out; train inpainting only")
     b.set_defaults(func=cmd_build)
+    s = sub.add_parser("subject", help="write the toy DreamBooth subject's instance images")
+    s.add_argument("--out", default="examples/toy-subject")
+    s.add_argument("--num-images", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_subject)
+
+
+def cmd_subject(args: argparse.Namespace) -> int:
+    from raybooth.platform.toy.subject import SUBJECT, write_instance_images
+
+    if not 1 <= args.num_images <= 64:
+        raise ConfigError("--num-images must be between 1 and 64", field="num_images")
+    for path in write_instance_images(args.out, n=args.num_images, seed=args.seed):
+        print(path)
+    print(f"instance prompt: {SUBJECT.instance_prompt()!r}, class prompt: {SUBJECT.class_prompt()!r}")
+    return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
