@@ -10,7 +10,13 @@ from typing import Callable
 
 from raybooth.demo.report import Figure, Report
 from raybooth.demo.state import DemoState
-from raybooth.demo.world import instance_figures, scene_for_serving, stage_base_model, stage_inpaint
+from raybooth.demo.world import (
+    instance_figures,
+    scene_for_serving,
+    stage_base_model,
+    stage_inpaint,
+    stage_personalisation,
+)
 
 NOTE = (
     "Everything below ran on the CPU of this machine, on the toy world: small Stable Diffusion "
@@ -33,7 +39,9 @@ def stage_train(report: Report, state: DemoState) -> None:
     from raybooth.jobs.train.driver import run_training
     from raybooth.platform.config import load_config
 
-    config = load_config(state.train_config, [f"run.storage_path={(report.out / 'runs').resolve()}"])
+    # Tracked, so the MLflow stage has a run and a registered version to show.
+    config = load_config(state.train_config, [f"run.storage_path={(report.out / 'runs').resolve()}",
+                                              "tracking.enabled=true"])
     report.say(f"training {config.subject.instance_prompt!r} on {config.scaling.num_workers} Ray Train workers "
                f"({config.train.max_steps} steps, priors {'on' if config.priors.enabled else 'off'})")
     summary = run_training(config, progress=False)
@@ -104,7 +112,8 @@ def stage_serve(report: Report, state: DemoState) -> None:
 
 
 STAGES: list[Callable[[Report, DemoState], None]] = [
-    stage_models, stage_base_model, stage_inpaint, stage_train, stage_mlflow, stage_serve,
+    stage_models, stage_base_model, stage_inpaint, stage_train, stage_personalisation, stage_mlflow,
+    stage_serve,
 ]
 
 
