@@ -124,9 +124,18 @@ class Cluster:
         return _clean_env(RAY_AUTH_TOKEN=self.token, **extra)
 
 
-def _start(args: list[str], env: dict[str, str]) -> None:
-    out = subprocess.run([str(BIN / "ray"), "start", *args], capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+def _start(args: list[str], env: dict[str, str], node_dir: str, tries: int = 3) -> None:
+    """`ray start … --temp-dir node_dir`. Ray gives a raylet a fixed 30 s to register; on a host
+    this busy that is sometimes too little, so a node that timed out is stopped (its processes
+    only, by its temp dir) and started again."""
+    for attempt in range(1, tries + 1):
+        out = subprocess.run([str(BIN / "ray"), "start", *args, "--temp-dir", node_dir],
+                             capture_output=True, text=True, timeout=180, env=env)
+        if out.returncode == 0:
+            return
+        if "timed out during startup" not in out.stderr + out.stdout or attempt == tries:
+            raise AssertionError(f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        stop_ray_cluster(node_dir)
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +156,16 @@ def cluster(tiny_path):
                 "--dashboard-agent-listen-port", str(ports[0]), "--dashboard-agent-grpc-port", str(ports[1]),
                 "--metrics-export-port", str(ports[2]), "--runtime-env-agent-port", str(ports[3]),
                 "--node-manager-port", str(ports[4]), "--object-manager-port", str(ports[5]),
-                "--ray-client-server-port", str(ports[6]), "--temp-dir", temp_dir, *common], env)
+                "--ray-client-server-port", str(ports[6]), *common], env, temp_dir)
         _start(["--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
                 "--dashboard-agent-listen-port", str(ports[7]), "--dashboard-agent-grpc-port", str(ports[8]),
                 "--metrics-export-port", str(ports[9]), "--runtime-env-agent-port", str(ports[10]),
                 "--node-manager-port", str(ports[11]), "--object-manager-port", str(ports[12]),
-                # Its own temp dir (inside ours, so stop_ray_cluster finds it): two nodes sharing
-                # one would share runtime_resources/, and one node's cleanup would delete the
-                # job's unpacked working directory under the other's driver.
-                "--temp-dir", f"{temp_dir}/n2", *common], env)
+                *common], env,
+               # Its own temp dir (inside ours, so stop_ray_cluster finds it): two nodes sharing
+               # one would share runtime_resources/, and one node's cleanup would delete the
+               # job's unpacked working directory under the other's driver.
+               f"{temp_dir}/n2")
         yield Cluster(f"http://127.0.0.1:{dash}", token, temp_dir)
     finally:
         stop_ray_cluster(temp_dir)
