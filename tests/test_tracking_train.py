@@ -13,22 +13,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from _mlflow_server import shared_server
+from _train_support import StepWatcher, small_config
 from PIL import Image
 
-from _mlflow_server import shared_server
 from raybooth.cli import main as cli
 from raybooth.jobs.train.driver import run_training
 from raybooth.jobs.train.handoff import TrainingSummary
 from raybooth.jobs.train.metrics import read_records, step_metrics
-from raybooth.platform.config import TrainConfig, flatten, with_overrides
+from raybooth.platform.config import TrainConfig, flatten
 from raybooth.platform.lora import WEIGHTS_NAME
 from raybooth.platform.mlflow.pyfunc import decode_png
 
@@ -42,54 +41,21 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _config(storage: Path, name: str, **values) -> TrainConfig:
-    return with_overrides(TrainConfig(), {
-        "subject.instance_data_dir": str(REPO / "examples" / "demo-subject"),
+    return small_config(storage, name, **{
         "subject.instance_prompt": "a photo of sks robot toy",
         "subject.class_prompt": "a photo of a robot toy",
-        "priors.enabled": False,
-        "train.resolution": 64,
-        "train.batch_size": 1,
         "train.max_steps": MAX_STEPS,
-        "train.learning_rate": 1e-4,
         "train.checkpoint_every": CHECKPOINT_EVERY,
         "train.keep_checkpoints": 2,
         "train.validation_every": 4,
         "train.validation_prompts": ["a photo of sks robot toy on a beach"],
         "train.validation_steps": 2,
-        "train.log_every": 1,
-        "scaling.num_workers": 2,
-        "run.storage_path": str(storage),
-        "run.name": name,
         "run.max_failures": 1,
         "tracking.enabled": True,
         "tracking.experiment": "train-e2e",
         "tracking.register_as": name,
         **values,
     })
-
-
-def _watch(run_dir: Path, actions: list[tuple[int, callable]], done: threading.Event) -> threading.Thread:
-    """Run each action once training (metrics.jsonl in the run dir) has passed its step."""
-
-    def loop() -> None:
-        pending = list(actions)
-        while pending and not done.is_set():
-            metrics = step_metrics(run_dir)
-            if metrics and max(metrics) >= pending[0][0]:
-                pending.pop(0)[1](max(metrics))
-                continue
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    return thread
-
-
-def _registered_checkpoint(run_dir: Path) -> bool:
-    try:
-        return "checkpoint-0000" in (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return False
 
 
 def _check_run(client, summary: TrainingSummary, config: TrainConfig) -> None:
@@ -152,19 +118,12 @@ def test_tracked_training_with_the_logging_worker_killed(ray_local, tmp_path, ra
     killed: dict = {}
 
     def kill_rank0(step: int) -> None:
-        while not _registered_checkpoint(run_dir):
-            time.sleep(0.01)
         info = json.loads((run_dir / "workers" / "rank-0.json").read_text())
-        killed.update(info, at_step=max(step_metrics(run_dir)))
+        killed.update(info, at_step=step)
         os.kill(info["pid"], signal.SIGKILL)  # the Ray Train worker that holds the MLflow tracker
 
-    done = threading.Event()
-    watcher = _watch(run_dir, [(CHECKPOINT_EVERY + 1, kill_rank0)], done)
-    try:
+    with StepWatcher(run_dir, [(CHECKPOINT_EVERY + 1, kill_rank0)], after_checkpoint=True):
         summary = run_training(config, progress=False)
-    finally:
-        done.set()
-        watcher.join(timeout=5)
     assert killed and killed["at_step"] < config.train.max_steps, "the worker was not killed mid-run"
     assert len([r for r in read_records(run_dir) if r.get("event") == "resumed"]) == 1
 
@@ -198,13 +157,10 @@ def test_tracking_server_down_mid_training_does_not_stop_it(ray_local, tmp_path,
         events["restarting_at"] = step
         server.start()
 
-    done = threading.Event()
-    watcher = _watch(run_dir, [(2, stop), (4, start)], done)
     try:
-        summary = run_training(config, progress=False)
+        with StepWatcher(run_dir, [(2, stop), (4, start)], join_s=120):
+            summary = run_training(config, progress=False)
     finally:
-        done.set()
-        watcher.join(timeout=120)
         shared_server()  # running again whatever happened
     assert events.get("stopped_at", MAX_STEPS) < MAX_STEPS, "the server was not stopped mid-training"
     assert events.get("restarting_at") is not None

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _train_support import small_config
 from PIL import Image
 from safetensors.torch import load_file
 
 from raybooth.jobs.train.driver import run_training
 from raybooth.jobs.train.handoff import TrainingSummary
 from raybooth.jobs.train.metrics import step_metrics
-from raybooth.platform.config import TrainConfig, with_overrides
 from raybooth.platform.lora import WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,21 +28,14 @@ def lora_run(tiny_path, tmp_path_factory) -> TrainingSummary:
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    config = with_overrides(TrainConfig(), {
-        "subject.instance_data_dir": str(REPO / "examples" / "demo-subject"),
-        "priors.enabled": False,
+    config = small_config(tmp_path_factory.mktemp("lora-runs"), "lora", **{
         "train.mode": "lora",
         "train.lora_rank": 4,
         "train.train_text_encoder": True,
-        "train.resolution": 64,
         "train.max_steps": 6,
         "train.learning_rate": 1e-2,
         "train.checkpoint_every": 3,
-        "train.validation_prompts": [],
         "scaling.num_workers": 1,
-        "run.storage_path": str(tmp_path_factory.mktemp("lora-runs")),
-        "run.name": "lora",
-        "tracking.enabled": False,
     })
     return run_training(config, progress=False)
 
@@ -70,8 +63,8 @@ def test_lora_export_is_a_diffusers_adapter_with_its_base_model(lora_run):
 
 def test_generate_and_inpaint_with_the_trained_adapter(lora_run, tmp_path):
     from raybooth.cli import main
-    from raybooth.platform.pipelines import DiffusionRunner
     from raybooth.platform.generation import GenerationParams, InpaintParams
+    from raybooth.platform.pipelines import DiffusionRunner
 
     out = tmp_path / "gen"
     args = ["generate", "--model", "tiny", "--prompt", "a photo of sks robot toy", "--seed", "5",

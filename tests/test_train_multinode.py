@@ -7,17 +7,14 @@ frozen, its embeddings cached), with prior preservation."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from _train_support import StepWatcher, small_config
 
 from raybooth.jobs.train.driver import run_training
 from raybooth.jobs.train.metrics import read_records, step_metrics
-from raybooth.platform.config import TrainConfig, with_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 16
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -50,8 +47,7 @@ def cluster(tiny_path):
 @pytest.mark.timeout(420)
 def test_node_lost_mid_run_training_recovers_and_finishes(cluster, tmp_path, raybooth_home):
     cluster_obj, nodes = cluster
-    config = with_overrides(TrainConfig(), {
-        "subject.instance_data_dir": str(REPO / "examples" / "demo-subject"),
+    config = small_config(tmp_path / "shared-storage", "two-nodes", **{  # every node sees this path
         "priors.enabled": True,
         # The same set as test_train_runs uses: reused when it exists, made on the cluster if not.
         "priors.class_data_dir": str(raybooth_home / "train-class-images"),
@@ -60,41 +56,24 @@ def test_node_lost_mid_run_training_recovers_and_finishes(cluster, tmp_path, ray
         "priors.num_actors": 1,
         "train.mode": "full",
         "train.train_text_encoder": False,
-        "train.resolution": 64,
         "train.max_steps": MAX_STEPS,
-        "train.learning_rate": 1e-4,
         "train.seed": 7,
         "train.checkpoint_every": 4,
-        "train.log_every": 1,
-        "train.validation_prompts": [],
-        "scaling.num_workers": 2,
         "scaling.placement_strategy": "SPREAD",
-        "run.storage_path": str(tmp_path / "shared-storage"),  # every node sees this path
-        "run.name": "two-nodes",
         "run.max_failures": 2,
-        "tracking.enabled": False,
     })
     run_dir = tmp_path / "shared-storage" / "two-nodes"
     removed: dict = {}
 
-    def remove_a_node_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            snapshot = run_dir / "checkpoint_manager_snapshot.json"
-            metrics = step_metrics(run_dir)
-            if snapshot.is_file() and "checkpoint-0000" in snapshot.read_text() and metrics and max(metrics) > 4:
-                ranks = [json.loads((run_dir / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
-                removed["node_ids"] = {r["node_id"] for r in ranks}
-                victim = next(n for n in nodes if n.node_id == ranks[1]["node_id"])
-                removed.update(node_id=victim.node_id, at_step=max(metrics))
-                cluster_obj.remove_node(victim, allow_graceful=False)
-                return
-            time.sleep(0.02)
+    def remove_a_node(step: int) -> None:
+        ranks = [json.loads((run_dir / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+        removed["node_ids"] = {r["node_id"] for r in ranks}
+        victim = next(n for n in nodes if n.node_id == ranks[1]["node_id"])
+        removed.update(node_id=victim.node_id, at_step=step)
+        cluster_obj.remove_node(victim, allow_graceful=False)
 
-    remover = threading.Thread(target=remove_a_node_after_first_checkpoint, daemon=True)
-    remover.start()
-    summary = run_training(config, progress=False)
-    remover.join(timeout=5)
+    with StepWatcher(run_dir, [(5, remove_a_node)], after_checkpoint=True):
+        summary = run_training(config, progress=False)
 
     assert removed, "no node was removed"
     assert len(removed["node_ids"]) == 2, "the two workers did not run on different nodes"

@@ -13,22 +13,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from _train_support import StepWatcher, small_config
 from PIL import Image
 from safetensors.torch import load_file
 
 from raybooth.jobs.train.driver import run_training
 from raybooth.jobs.train.handoff import TrainingSummary
 from raybooth.jobs.train.metrics import read_records, step_metrics
-from raybooth.platform.config import TrainConfig, with_overrides
+from raybooth.platform.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 16
 CHECKPOINT_EVERY = 4
 
@@ -36,8 +34,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def reference_config(storage: Path, class_dir: Path, name: str) -> TrainConfig:
-    return with_overrides(TrainConfig(), {
-        "subject.instance_data_dir": str(REPO / "examples" / "demo-subject"),
+    return small_config(storage, name, **{
         "priors.enabled": True,
         "priors.class_data_dir": str(class_dir),
         "priors.num_class_images": 3,
@@ -45,11 +42,8 @@ def reference_config(storage: Path, class_dir: Path, name: str) -> TrainConfig:
         "priors.num_actors": 1,
         "train.mode": "full",
         "train.train_text_encoder": True,
-        "train.resolution": 64,
-        "train.batch_size": 1,
         "train.gradient_accumulation_steps": 2,
         "train.max_steps": MAX_STEPS,
-        "train.learning_rate": 1e-4,
         "train.lr_scheduler": "cosine",
         "train.warmup_steps": 2,
         "train.random_flip": True,
@@ -61,12 +55,7 @@ def reference_config(storage: Path, class_dir: Path, name: str) -> TrainConfig:
         "train.validation_every": 12,
         "train.validation_prompts": ["a photo of sks robot toy on a beach", "a sks robot toy in the snow"],
         "train.validation_steps": 2,
-        "train.log_every": 1,
-        "scaling.num_workers": 2,
-        "run.storage_path": str(storage),
-        "run.name": name,
         "run.max_failures": 1,
-        "tracking.enabled": False,
     })
 
 
@@ -133,8 +122,8 @@ def test_reference_run_trains_both_models_with_prior_preservation(reference, tin
 
 def test_exported_model_generates_and_inpaints(reference, tmp_path):
     from raybooth.cli import main
-    from raybooth.platform.pipelines import DiffusionRunner
     from raybooth.platform.generation import InpaintParams
+    from raybooth.platform.pipelines import DiffusionRunner
 
     _, summary = reference
     out = tmp_path / "gen"
@@ -156,15 +145,6 @@ def test_exported_model_generates_and_inpaints(reference, tmp_path):
     assert not (np.asarray(result)[~outside] == np.asarray(image)[~outside]).all()
 
 
-def _registered_checkpoint(run_dir: Path) -> bool:
-    """Ray Train has registered a checkpoint of this run (so a restart resumes from it)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return "checkpoint-0000" in snapshot.read_text()
-    except OSError:
-        return False
-
-
 @pytest.mark.timeout(400)
 def test_worker_killed_mid_run_resumes_exactly(reference, class_dir, tmp_path):
     ref_config, ref_summary = reference
@@ -172,21 +152,13 @@ def test_worker_killed_mid_run_resumes_exactly(reference, class_dir, tmp_path):
     run_dir = tmp_path / "killed"
     killed: dict = {}
 
-    def kill_a_worker_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            metrics = step_metrics(run_dir)
-            if _registered_checkpoint(run_dir) and metrics and max(metrics) > CHECKPOINT_EVERY:
-                info = json.loads((run_dir / "workers" / "rank-1.json").read_text())
-                killed.update(info, at_step=max(metrics))
-                os.kill(info["pid"], signal.SIGKILL)  # the Ray Train worker process itself
-                return
-            time.sleep(0.01)
+    def kill_a_worker(step: int) -> None:
+        info = json.loads((run_dir / "workers" / "rank-1.json").read_text())
+        killed.update(info, at_step=step)
+        os.kill(info["pid"], signal.SIGKILL)  # the Ray Train worker process itself
 
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
-    killer.start()
-    summary = run_training(config, progress=False)
-    killer.join(timeout=5)
+    with StepWatcher(run_dir, [(CHECKPOINT_EVERY + 1, kill_a_worker)], after_checkpoint=True):
+        summary = run_training(config, progress=False)
 
     assert killed, "no worker was killed"
     assert killed["at_step"] < MAX_STEPS, "the run finished before the kill: nothing was tested"

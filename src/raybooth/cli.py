@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from raybooth.platform.errors import UserError
+from raybooth.platform.quiet import install_log_filters
 
 # Commands that live with their part: name -> ("module:function", one-line help). The function
 # takes the subparsers object and registers the command's parser (with `func` set). Only the
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    install_log_filters()  # before any command imports diffusers/transformers
     try:
         result = args.func(args)
     except UserError as exc:
