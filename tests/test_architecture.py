@@ -80,8 +80,9 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
 
 
 def part_of(module: str) -> str:
+    """`platform`, `jobs`, `serve_apps`, `tune`, or `top` (cli, demo and the root package)."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else "top"
+    return parts[1] if len(parts) > 1 and parts[1] in ALLOWED else "top"
 
 
 def upward_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
