@@ -89,3 +89,14 @@ def test_shipped_subject_images_match_the_generator():
     shipped = sorted(folder.glob("*.png"))
     assert 4 <= len(shipped) <= 6
     assert all(is_subject(Image.open(p)) for p in shipped)
+
+
+def test_judge_reads_a_models_rounded_square_as_a_square():
+    # Diffusion models draw squares with slightly soft corners; they are still squares.
+    scene = Scene("blue", "square", "green", 0.7)
+    img = np.asarray(render(scene)).copy()
+    mask = (img == COLOURS["blue"]).all(-1)
+    ys, xs = np.nonzero(mask)
+    for y, x in [(ys.min(), xs.min()), (ys.min(), xs.max()), (ys.max(), xs.min()), (ys.max(), xs.max())]:
+        img[y, x] = COLOURS["green"]  # knock off each corner pixel
+    assert judge(Image.fromarray(img)).shape == "square"
