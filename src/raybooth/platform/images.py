@@ -145,9 +145,10 @@ def _decode(source: Source, name: str, limit: int | None) -> Image.Image:
         except UnidentifiedImageError:
             if head.startswith(PNG_SIGNATURE):
                 _check_png_checksums(fp, name)  # a damaged header says so, not "unsupported"
-            what = _not_an_image(head) or (
-                "not a supported image" if not head.startswith(PNG_SIGNATURE)
-                else "the file is corrupt (a PNG signature, then no readable PNG header)")
+            if head.startswith(PNG_SIGNATURE):
+                raise ImageError(f"{name}: the file is corrupt (a PNG signature, then no readable PNG "
+                                 "header)", field=name) from None
+            what = _not_an_image(head) or "not a supported image"
             raise ImageError(
                 f"{name}: {what} (raybooth reads {', '.join(ALLOWED_FORMATS)})", field=name
             ) from None
