@@ -33,7 +33,7 @@ from raybooth.platform.errors import ConfigError, UserError
 from raybooth.platform.generation import GENERATION_DEFAULTS
 from raybooth.platform.images import png_bytes
 from raybooth.platform.lora import WEIGHTS_NAME
-from raybooth.platform.mlflow.refs import MODELS_PREFIX as MLFLOW_PREFIX
+from raybooth.platform.mlflow.refs import MODELS_PREFIX
 from raybooth.platform.pipelines import DiffusionRunner
 from raybooth.serve_apps.batching import (
     ImageJob,
@@ -321,7 +321,7 @@ class ImageModel:
 def _check_subject_ref(subject: str, ref: str) -> None:
     """At start-up, without I/O beyond the local disk: fail the deployment on a subject that can
     never load, rather than the first request for it."""
-    if ref.startswith(MLFLOW_PREFIX):
+    if ref.startswith(MODELS_PREFIX):
         return
     path = Path(ref).expanduser()
     if not (path / WEIGHTS_NAME).is_file() and not (path.is_file() and path.suffix == ".safetensors"):
@@ -333,7 +333,7 @@ def _check_subject_ref(subject: str, ref: str) -> None:
 
 
 def _subject_path(subject: str, ref: str, spec: ModelSpec) -> Path:
-    if not ref.startswith(MLFLOW_PREFIX):
+    if not ref.startswith(MODELS_PREFIX):
         return Path(ref).expanduser()
     from raybooth.platform.models import resolve_model
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from raybooth.platform.config import ModelOptions, TrainConfig
 from raybooth.platform.errors import ConfigError, ModelError
-from raybooth.platform.mlflow.refs import MODELS_PREFIX as MLFLOW_PREFIX
+from raybooth.platform.mlflow.refs import MODELS_PREFIX
 from raybooth.platform.models import ResolvedModel, resolve_model
 from raybooth.platform.generation import GenerationParams
 from raybooth.platform.schedulers import check_scheduler
@@ -112,8 +112,8 @@ def _pinned_ref(resolved: ResolvedModel) -> str:
         return str(resolved.path)
     if resolved.kind == "mlflow" and resolved.revision and "@" in resolved.ref:
         # An alias can move while the job runs; the version it pointed at cannot.
-        name = resolved.ref.removeprefix(MLFLOW_PREFIX).split("@", 1)[0]
-        return f"{MLFLOW_PREFIX}{name}/{resolved.revision}"
+        name = resolved.ref.removeprefix(MODELS_PREFIX).split("@", 1)[0]
+        return f"{MODELS_PREFIX}{name}/{resolved.revision}"
     return resolved.ref
 
 
