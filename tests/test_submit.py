@@ -196,7 +196,11 @@ def test_a_tiny_training_job_runs_on_two_nodes_and_streams_its_logs(cluster, tmp
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
     started = time.monotonic()
-    out = _raybooth(args, cluster.client_env(MLFLOW_TRACKING_URI=tracking), timeout=420)
+    try:
+        out = _raybooth(args, cluster.client_env(MLFLOW_TRACKING_URI=tracking), timeout=420)
+    except subprocess.TimeoutExpired as exc:  # say where the job was, not only that it was slow
+        seen = (exc.stdout or b"").decode(errors="replace")[-3000:] + (exc.stderr or b"").decode(errors="replace")[-2000:]
+        pytest.fail(f"the job did not end in {exc.timeout} s; the client had printed:\n{seen}\njobs:\n{_jobs(cluster)}")
     took = time.monotonic() - started
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-3000:]}"
 
