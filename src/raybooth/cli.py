@@ -32,6 +32,8 @@ PART_COMMANDS: dict[str, tuple[str, str]] = {
                "make the class images for prior preservation (pool of Ray actors)"),
     "train": ("raybooth.jobs.train.driver:register", "DreamBooth fine-tuning on Ray Train"),
     "toy": ("raybooth.jobs.toy.command:register", "the toy world: train the toy and toy-inpainting models"),
+    "tune": ("raybooth.tune.command:register",
+             "Ray Tune sweep over training: ASHA, MLflow parent/child runs, best model registered"),
     "evaluate": ("raybooth.jobs.evaluate.command:register",
                  "subject fidelity as in the DreamBooth paper: DINO, CLIP-I, CLIP-T (Ray actors)"),
     "serve": ("raybooth.serve_apps.command:register",

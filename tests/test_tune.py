@@ -1,0 +1,201 @@
+"""`raybooth tune` on the tiny model (CPU): a real Ray (with its dashboard) and a real Tune sweep.
+
+- A bad space key (or a value of the wrong type) is refused before Ray starts.
+- 4 trials, 2 at a time, one with a diverging learning rate: ASHA stops that one at its first
+  report (fewer iterations than the others); sweep.json lists every trial; MLflow has the sweep's
+  parent run with one nested child per trial; the best trial is registered under `sweep-best` with
+  tags linking the sweep and the trial; the plot exists.
+- The driver (`raybooth tune` in a subprocess) is SIGKILLed mid-sweep; `--resume` finishes it
+  without running a finished trial again, in the same MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from _train_support import DEMO_SUBJECT
+
+from raybooth.platform.errors import ConfigError
+from raybooth.tune.config import load_sweep
+from raybooth.tune.sweep import FINISHED, STOPPED, SweepResult, run_sweep
+from raybooth.tune.trial import STARTS_FILE
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+DIVERGING_LR = 50.0
+
+
+def _base(tmp: Path) -> Path:
+    """A tiny-model training config of a few seconds a step: 3 checkpoint reports per trial."""
+    path = tmp / "train.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "tiny",
+        "subject": {"instance_data_dir": str(DEMO_SUBJECT)},
+        "priors": {"enabled": False},
+        "train": {"resolution": 32, "batch_size": 1, "max_steps": 6, "checkpoint_every": 2,
+                  "keep_checkpoints": 1, "log_every": 1, "validation_prompts": [],
+                  "train_text_encoder": False},
+        "run": {"storage_path": str(tmp / "runs"), "max_failures": 0},
+        "tracking": {"enabled": True, "experiment": "tune-test", "register_as": "tune-test-subject"},
+    }))
+    return path
+
+
+def _sweep(tmp: Path, name: str, space: dict, **extra) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(_base(tmp)),
+        "space": space,
+        "search": {"algorithm": "grid"},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "objective": {"metric": "loss", "mode": "min"},
+        "max_concurrent_trials": 2,
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+        "sweep": {"name": name},
+        "tracking": {"alias": "sweep-best"},
+        **extra,
+    }))
+    return path
+
+
+@pytest.fixture
+def no_ray():
+    """Sweeps start their own Ray (with the dashboard): end one a previous test left running."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("key, spec, words", [
+    ("train.learnig_rate", {"loguniform": [1e-5, 1e-3]}, ["space.train.learnig_rate", "learning_rate"]),
+    ("train.lora_rank", {"choice": [4, "big"]}, ["space.train.lora_rank", "'big'"]),
+    ("train.learning_rate", {"uniform": [-1.0, 1e-3]}, ["space.train.learning_rate", "-1.0"]),
+    ("run.name", {"choice": ["a", "b"]}, ["space.run.name", "the sweep sets"]),
+    ("train.learning_rate", {"normal": [0, 1]}, ["space.train.learning_rate", "loguniform"]),
+])
+def test_bad_space_refused_before_ray(tmp_path, key, spec, words):
+    import ray
+
+    was_running = ray.is_initialized()
+    with pytest.raises(ConfigError) as err:
+        load_sweep(_sweep(tmp_path, "bad", {key: spec}))
+    message = str(err.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message, message
+    assert ray.is_initialized() == was_running  # nothing started
+
+
+@pytest.mark.timeout(30)
+def test_shipped_sweep_configs_load():
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("tiny.yaml", "sd15-lora.yaml"):
+        loaded = load_sweep(repo / "configs" / "tune" / name)
+        assert loaded.num_trials >= 4
+
+
+@pytest.mark.timeout(420)
+def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
+    loaded = load_sweep(_sweep(tmp_path, "lr", {"train.learning_rate": {"grid": [1e-4, 2e-4, 3e-4, DIVERGING_LR]}}))
+    t0 = time.perf_counter()
+    result = run_sweep(loaded, num_cpus=4)
+    print(f"sweep of 4 trials: {time.perf_counter() - t0:.1f} s")
+    again = SweepResult.read(result.sweep_dir / "sweep.json")
+    assert again == result
+    assert len(result.trials) == 4
+    by_lr = {t.config["train.learning_rate"]: t for t in result.trials}
+    diverging = by_lr[DIVERGING_LR]
+    others = [t for lr, t in by_lr.items() if lr != DIVERGING_LR]
+    # ASHA cut the diverging trial at its first rung; the best ran all 3 reports.
+    assert diverging.status == STOPPED, result.to_json()
+    assert diverging.iterations == 1
+    assert diverging.iterations < max(t.iterations for t in others)
+    best = result.best
+    assert best is not None and best.status == FINISHED and best.iterations == 3
+    assert best.config["train.learning_rate"] != DIVERGING_LR
+    assert result.plot is not None and result.plot.is_file()
+
+    # MLflow: the parent, one nested child per trial (the trial's training run), the best registered.
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["raybooth.sweep"] == "lr"
+    assert parent.data.tags["raybooth.sweep.best_trial"] == best.trial_id
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.info.run_id for c in children} == {t.mlflow_run_id for t in result.trials}
+    child = client.get_run(best.mlflow_run_id)
+    assert float(child.data.params["train.learning_rate"]) == best.config["train.learning_rate"]
+    assert len(client.get_metric_history(child.info.run_id, "loss")) == 6
+    assert client.get_run(diverging.mlflow_run_id).info.status == "KILLED"
+    version = client.get_model_version_by_alias("tune-test-subject", "sweep-best")
+    assert version.version == result.registered_version
+    assert version.run_id == best.mlflow_run_id
+    assert version.tags["sweep"] == "lr"
+    assert version.tags["sweep.trial_id"] == best.trial_id
+    assert version.tags["sweep.parent_run_id"] == result.parent_run_id
+
+
+def _starts(run_dir: Path) -> int:
+    path = run_dir / STARTS_FILE
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.timeout(480)
+def test_resume_after_driver_killed(tmp_path, no_ray, raybooth_home):
+    config = _sweep(tmp_path, "resume", {"train.learning_rate": {"grid": [1e-4, 2e-4]}},
+                    max_concurrent_trials=1, scheduler={"type": "none"})
+    sweep_dir = tmp_path / "runs" / "sweeps" / "resume"
+    cmd = [sys.executable, "-m", "raybooth.cli", "tune", "--config", str(config), "--num-cpus", "3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        # Kill once the first trial has finished and the second has started.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            trials = sorted((sweep_dir / "trials").glob("*")) if (sweep_dir / "trials").is_dir() else []
+            done = [d for d in trials if (d / "summary.json").is_file()]
+            if done and len(trials) == 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    first = {d.name: _starts(d) for d in (sweep_dir / "trials").glob("*")}
+    finished_first = [d.name for d in (sweep_dir / "trials").glob("*") if (d / "summary.json").is_file()]
+    parent_before = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
+    assert not (sweep_dir / "sweep.json").exists()
+
+    out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=360)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    path = Path(out.stdout.strip().splitlines()[-1])
+    result = SweepResult.read(path)
+    assert result.resumed and result.parent_run_id == parent_before
+    assert [t.status for t in result.trials] == [FINISHED, FINISHED]
+    for name in finished_first:
+        assert _starts(sweep_dir / "trials" / name) == first[name] == 1  # not run again
+    from mlflow import MlflowClient
+
+    children = MlflowClient().search_runs(
+        [MlflowClient().get_run(parent_before).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_before}'")
+    assert len(children) == 2
