@@ -72,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         wait_running(names, args.timeout)
         url = app_url(config)
         wait_http(url + "/healthz", 60)
-        print(f"raybooth serve: ready at {url}  (API docs: {url}/docs; Ctrl-C stops)", flush=True)
+        print(f"raybooth serve: ready at {url}  (playground: {url}/; API docs: {url}/docs; Ctrl-C stops)",
+              flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

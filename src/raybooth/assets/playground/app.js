@@ -207,9 +207,14 @@
   // ---------------------------------------------------------------------------------------------
   // Errors next to their fields
 
+  // API field names that this page shows under another control (OpenAI-style names included).
+  const FIELD_ALIASES = { size: "width", "image[]": "image" };
+
   function controlFor(form, field) {
     if (!field) return null;
+    field = String(field);
     const names = [field, field.replace(/^body\./, ""), field.split(".").pop(), field.split(".")[0]];
+    names.push(...names.map((name) => FIELD_ALIASES[name]).filter(Boolean));
     for (const name of names) {
       const el = form.elements[name];
       if (el && el.id) return el; // (radio groups have no id: seed-mode)
@@ -481,7 +486,7 @@
       reuse.setAttribute("aria-label", `Reuse seed ${seed}`);
       reuse.addEventListener("click", () => reuseSeed(task, seed));
       const inpaint = node.querySelector("button.to-inpaint");
-      inpaint.setAttribute("aria-label", `Inpaint seed ${seed}`);
+      inpaint.setAttribute("aria-label", `Inpaint this (seed ${seed})`);
       inpaint.addEventListener("click", () => inpaintThis(blob, request.prompt));
       return node;
     });
