@@ -16,6 +16,7 @@ BENCHMARKS = [
     HERE / "priors" / "bench_priors.py",
     HERE / "train" / "bench_train.py",
     HERE / "serve" / "bench_serve.py",
+    HERE / "startup" / "bench_startup.py",
 ]
 
 
