@@ -17,6 +17,9 @@ os.environ["RAYBOOTH_HOME"] = str(_HOME)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Serve kills an HTTP proxy that is not ready after 3 checks of 5 s; on two loaded cores its
+# process can take longer than that to start (seen at load average 15-40).
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME}/mlflow.db")
 
 REPO = Path(__file__).resolve().parents[1]

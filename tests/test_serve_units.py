@@ -98,8 +98,8 @@ def test_request_limits_and_defaults():
             check_generation(parse_request(GenerationRequest, body), limits, defaults)
         assert err.value.field == field
     with pytest.raises(UserError) as err:
-        parse_request(EditRequest, {"prompt": "a", "image": "x"})
-    assert err.value.field == "mask"
+        parse_request(EditRequest, {"prompt": "a", "mask": "x"})
+    assert err.value.field == "image"  # the mask is optional (OpenAI: the image's transparency)
 
 
 def _job(**kw) -> ImageJob:

@@ -1,7 +1,10 @@
-"""Errors as HTTP answers: always JSON `{"error": {"code", "message", "field"}}`.
+"""Errors as HTTP answers: always JSON `{"error": {"message", "type", "param", "code", "field"}}`.
 
-A client's mistake is a 4xx that names the field and says what to do; the server's own trouble
-is a 5xx that says whether retrying can help. Tracebacks stay in the logs.
+The shape is the OpenAI API's (its clients raise an exception carrying `message`, `type`,
+`param` and `code`), plus raybooth's `field` (the same as `param`). A client's mistake is a 4xx
+that names the field and says what to do; the server's own trouble is a 5xx that says whether
+retrying can help (503 carries Retry-After, which OpenAI clients honour when they retry).
+Tracebacks stay in the logs.
 """
 
 from __future__ import annotations
@@ -29,8 +32,23 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": {"code": code, "message": message, "field": field}}
+    body: dict[str, Any] = {"error": {
+        "message": message, "type": error_type(status), "param": field, "code": code, "field": field,
+    }}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_type(status: int) -> str:
+    """The OpenAI API's `error.type` for a status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
 
 
 def from_user_error(exc: UserError) -> ApiError:

@@ -5,7 +5,10 @@ header), the API key check (all routes but /healthz and the docs), a body read w
 limit, validation against the configured limits, then one call to the model deployment that
 serves the requested model, bounded by the request timeout. One JSON log line per request.
 
-Errors are JSON `{"error": {"code", "message", "field"}}`: 4xx naming the field for bad input,
+The image routes speak the OpenAI Images API as well as raybooth's own fields (schemas.py), and
+their request schemas carry this app's limits (`request_models`), so /openapi.json states what
+the server enforces. Errors are JSON `{"error": {"message", "type", "param", "code", "field"}}`
+(what OpenAI clients read, plus raybooth's `field`): 4xx naming the field for bad input,
 503 + Retry-After when a model's queue is full, 504 when generation outlasts the timeout.
 """
 
@@ -39,11 +42,13 @@ from raybooth.serve_apps.schemas import (
     ModelList,
     check_generation,
     parse_request,
+    request_models,
 )
 from raybooth.serve_apps.settings import INPAINTING, TEXT_TO_IMAGE, load_args
 from raybooth.serve_apps.uploads import (
     decode_base64_image,
     decode_pair,
+    edit_files,
     media_type,
     parse_json,
     parse_multipart,
@@ -54,7 +59,12 @@ logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", *PLAYGROUND_PATHS}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 503, 504)
+}
+# The image routes' 200: JSON (response_model), or the PNG itself with response_format png.
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
 }
 
 
@@ -129,6 +139,11 @@ def build_api(server: Ingress) -> FastAPI:
     from raybooth import __version__
 
     limits = server.args.limits
+    names: dict[str, list[str]] = {}
+    for card in server.catalog.cards():
+        names.setdefault(card["task"], []).append(card["id"])
+    # The request bodies with this app's limits: what is validated is what /openapi.json states.
+    GenerationBody, EditBody = request_models(limits, names)
     app = FastAPI(
         title="raybooth",
         version=__version__,
@@ -173,7 +188,8 @@ def build_api(server: Ingress) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         code = STATUS_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        # Keep Starlette's headers (a 405's Allow).
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -192,9 +208,9 @@ def build_api(server: Ingress) -> FastAPI:
         return {"object": "list", "data": server.catalog.cards()}
 
     @app.post(
-        "/v1/images/generations", tags=["images"], response_model=ImagesResponse, responses=ERROR_RESPONSES,
+        "/v1/images/generations", tags=["images"], response_model=ImagesResponse, responses=IMAGE_RESPONSES,
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": GenerationRequest.model_json_schema()}}}},
+            "application/json": {"schema": GenerationBody.model_json_schema()}}}},
     )
     async def generations(request: Request):
         """Text-to-image. Image k of a request uses seed + k: the same request and seed give the
@@ -204,7 +220,7 @@ def build_api(server: Ingress) -> FastAPI:
         if media_type(request) not in ("application/json", ""):
             raise ApiError(415, "unsupported_media_type", "send the request as application/json")
         try:
-            req = parse_request(GenerationRequest, parse_json(body))
+            req = parse_request(GenerationBody, parse_json(body))
             assert isinstance(req, GenerationRequest)
             params = check_generation(req, limits, server.args.defaults)
             route = server.catalog.resolve(TEXT_TO_IMAGE, req.model)
@@ -214,44 +230,42 @@ def build_api(server: Ingress) -> FastAPI:
         return await _answer(server, request, route, job, req, params, started)
 
     @app.post(
-        "/v1/images/edits", tags=["images"], response_model=ImagesResponse, responses=ERROR_RESPONSES,
+        "/v1/images/edits", tags=["images"], response_model=ImagesResponse, responses=IMAGE_RESPONSES,
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": EditRequest.model_json_schema()},
-            "multipart/form-data": {"schema": _multipart_schema()},
+            "application/json": {"schema": EditBody.model_json_schema()},
+            "multipart/form-data": {"schema": _multipart_schema(EditBody)},
         }}},
     )
     async def edits(request: Request):
-        """Inpainting: white in the mask is repainted, black is kept; pixels outside the mask
-        come back unchanged. JSON with base64 `image` and `mask`, or multipart/form-data with
-        `image` and `mask` files and the other fields as form fields."""
+        """Inpainting; pixels outside the mask come back unchanged. The mask: without
+        transparency, white is repainted and black kept; with transparent pixels (OpenAI's
+        convention), transparent is repainted and opaque kept; no mask: the image's own transparent
+        pixels. JSON with base64 `image` and `mask`, or multipart/form-data with `image` (or
+        `image[]`) and `mask` files and the other fields as form fields."""
         started = time.perf_counter()
         body = await read_body(request, limits.max_body_bytes)
         kind = media_type(request)
         try:
             if kind == "multipart/form-data":
                 fields, files = await parse_multipart(request, body, 4 * limits.max_prompt_chars + 1024)
-                for name in ("image", "mask"):
-                    if name not in files:
-                        raise ApiError(400, "invalid_request", f"{name} is required (a file part)", field=name)
-                    fields[name] = ""  # placeholder: the bytes come from the file part
-                unknown = set(files) - {"image", "mask"}
-                if unknown:
-                    name = sorted(unknown)[0]
-                    raise ApiError(400, "invalid_request", f"unknown file part {name!r}", field=name)
-                req = parse_request(EditRequest, fields)
-                image_bytes, mask_bytes = files["image"], files["mask"]
+                for name in ("image", "image[]", "mask"):
+                    if name in fields:  # a text part where a file belongs: decode what was sent
+                        files[name] = fields.pop(name).encode()
+                image_bytes, mask_bytes = edit_files(files)
+                req = parse_request(EditBody, {**fields, "image": ""}, form=True)  # the bytes came as a file
             elif kind in ("application/json", ""):
-                req = parse_request(EditRequest, parse_json(body))
+                req = parse_request(EditBody, parse_json(body))
                 assert isinstance(req, EditRequest)
                 image_bytes = decode_base64_image(req.image, "image")
-                mask_bytes = decode_base64_image(req.mask, "mask")
+                mask_bytes = None if req.mask is None else decode_base64_image(req.mask, "mask")
             else:
                 raise ApiError(415, "unsupported_media_type",
                                "send multipart/form-data (image and mask files) or application/json (base64)")
             assert isinstance(req, EditRequest)
             params = check_generation(req, limits, server.args.defaults)
             route = server.catalog.resolve(INPAINTING, req.model)
-            image, mask = decode_pair(image_bytes, mask_bytes, limits.max_input_pixels)
+            # Off the event loop: a large upload takes a while to decode.
+            image, mask = await asyncio.to_thread(decode_pair, image_bytes, mask_bytes, limits.max_input_pixels)
         except UserError as exc:
             raise from_user_error(exc) from None
         job = _job(INPAINTING, req, params, route, request.state.request_id, image=image, mask=mask)
@@ -261,12 +275,15 @@ def build_api(server: Ingress) -> FastAPI:
     return app
 
 
-def _multipart_schema() -> dict:
-    schema = EditRequest.model_json_schema()
+def _multipart_schema(body: type[EditRequest]) -> dict:
+    schema = body.model_json_schema()
     props = dict(schema.get("properties", {}))
     for name in ("image", "mask"):
         props[name] = {"type": "string", "format": "binary", "description": props[name].get("description", "")}
-    return {"type": "object", "properties": props, "required": ["prompt", "image", "mask"]}
+    # The rules across fields (size or width/height; png means n = 1) are stated on the JSON
+    # body only: schema-driven tools do not yet generate forms from them next to binary parts.
+    return {"type": "object", "properties": props, "required": ["prompt", "image"],
+            "additionalProperties": False}
 
 
 def _job(task: str, req: GenerationRequest, params: dict, route: Route, request_id: str, **extra) -> ImageJob:
@@ -299,6 +316,8 @@ async def _answer(server: Ingress, request: Request, route: Route, job: ImageJob
     return JSONResponse({
         "created": int(time.time()),
         "model": route.name,
+        "size": f"{result.width}x{result.height}",
+        "output_format": "png",
         "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed}
                  for png, seed in zip(result.images, result.seeds)],
         "parameters": used,
