@@ -107,7 +107,7 @@ def test_shipped_sweep_configs_load():
         assert loaded.num_trials >= 4
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
     loaded = load_sweep(_sweep(tmp_path, "lr", {"train.learning_rate": {"grid": [1e-4, 2e-4, 3e-4, DIVERGING_LR]}}))
     t0 = time.perf_counter()
@@ -156,7 +156,7 @@ def _starts(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(900)
 def test_resume_after_driver_killed(tmp_path, no_ray, raybooth_home):
     config = _sweep(tmp_path, "resume", {"train.learning_rate": {"grid": [1e-4, 2e-4]}},
                     max_concurrent_trials=1, scheduler={"type": "none"})

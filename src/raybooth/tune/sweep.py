@@ -443,8 +443,8 @@ def run_sweep(loaded: LoadedSweep, *, resume: bool = False, num_cpus: int | None
                     scheduler=_scheduler(loaded),
                     search_alg=BasicVariantGenerator(random_state=search.seed,
                                                      max_concurrent=loaded.config.max_concurrent_trials),
+                    # (max_concurrent_trials is the generator's: TuneConfig's is for a Searcher)
                     num_samples=1 if search.algorithm == "grid" else search.num_samples,
-                    max_concurrent_trials=loaded.config.max_concurrent_trials,
                     reuse_actors=False,
                 ),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=callbacks,
