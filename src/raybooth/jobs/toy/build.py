@@ -9,6 +9,7 @@ text-to-image stage, so a stopped build loses at most the stage it was in.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import platform as std_platform
@@ -46,6 +47,16 @@ def save_fp16(module: torch.nn.Module, folder: Path) -> None:
     copy.deepcopy(module).to(torch.float16).save_pretrained(folder, safe_serialization=True)
 
 
+def weights_digest(out: Path) -> str:
+    """The build id: a digest of every weights file, so new weights always get a new id (and a new
+    assembled folder under $RAYBOOTH_HOME/models, never a stale one)."""
+    h = hashlib.sha256()
+    for path in sorted(out.rglob("*.safetensors")):
+        h.update(path.relative_to(out).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def load_stage(out: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -62,7 +73,7 @@ def write_record(cfg: BuildConfig, record: dict) -> None:
         "# The toy models' build record",
         "",
         f"Command: `{record['command']}`  ",
-        f"Seed: {record['seed']}, build id `{record['build']}`, torch {record['torch']}, "
+        f"Seed: {record['seed']}, build id (weights digest) `{record['build']}`, torch {record['torch']}, "
         f"{record['threads']} thread(s) on {record['machine']}.",
         "",
         "Judge accuracy over training (EMA weights, guidance "
@@ -78,6 +89,8 @@ def write_record(cfg: BuildConfig, record: dict) -> None:
               "| step | seconds | colour inside mask | outside unchanged |", "|---:|---:|---:|---:|"]
     for p in record.get("inpaint_curve", []):
         lines.append(f"| {p['step']} | {p['seconds']} | {p['colour_inside']:.2f} | {p['unchanged_outside']:.2f} |")
+    if record.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in record["notes"]]
     (cfg.out / "BUILD.md").write_text("\n".join(lines) + "\n")
 
 
@@ -86,7 +99,7 @@ def build(cfg: BuildConfig, argv: list[str] | None = None) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
     record: dict = {
-        "build": f"s{cfg.seed}-{time.strftime('%Y%m%d%H%M')}",
+        "build": None,  # the weights' digest, set when they are saved
         "command": "raybooth toy " + " ".join(shlex.quote(a) for a in (argv or sys.argv[2:])),
         "seed": cfg.seed,
         "torch": torch.__version__,
@@ -97,7 +110,7 @@ def build(cfg: BuildConfig, argv: list[str] | None = None) -> dict:
     }
     if cfg.skip_t2i:
         previous = json.loads((cfg.out / BUILD_FILE).read_text())
-        for key in ("build", "vae", "t2i_curve", "timings_s"):
+        for key in ("vae", "t2i_curve", "timings_s"):
             record[key] = previous.get(key, record.get(key))
         record["command"] = previous["command"] + " ; raybooth toy " + " ".join(argv or sys.argv[2:])
         vae, text_encoder, unet = load_stage(cfg.out)
@@ -133,5 +146,6 @@ def build(cfg: BuildConfig, argv: list[str] | None = None) -> dict:
     record["inpaint_curve"] = curve
     record["timings_s"]["inpainting"] = round(time.perf_counter() - t0, 1)
     save_fp16(inpaint_unet, cfg.out / UNET_FOLDERS["toy-inpainting"])
+    record["build"] = weights_digest(cfg.out)
     write_record(cfg, record)
     return record
