@@ -313,3 +313,18 @@ def test_same_config_twice_gives_the_same_values_and_the_cli_prints_the_path_las
     assert [r["dino"] for r in first["images"]] == [r["dino"] for r in second["images"]]
     for r in first["images"]:  # byte-identical images
         assert (first_run.path.parent / r["file"]).read_bytes() == (path.parent / r["file"]).read_bytes()
+
+
+def test_quick_mode_needs_the_class_noun_and_an_oversized_pool_is_an_error(tmp_path, capsys):
+    from raybooth.cli import main
+    from raybooth.jobs.evaluate.job import check_fits
+    from raybooth.jobs.evaluate.pool import ActorPlan
+    from raybooth.platform.errors import ConfigError
+
+    code = main(["evaluate", "--model", "tiny", "--subject-dir", str(SUBJECT), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--class-noun is needed with --subject-dir" in err and "\n" not in err
+
+    check_fits(ActorPlan(num_actors=2, num_cpus=1, num_gpus=0, use_gpu=False), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"2 actor\(s\) x 1 GPU need 2 GPUs but the cluster has 1"):
+        check_fits(ActorPlan(num_actors=2, num_cpus=1, num_gpus=1, use_gpu=True), {"CPU": 16.0, "GPU": 1.0})

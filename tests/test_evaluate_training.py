@@ -53,7 +53,7 @@ def test_a_bad_evaluation_section_fails_before_training(tmp_path):
     assert not list((tmp_path / "bad-eval").glob("checkpoint*"))
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_end_of_training_evaluation_lands_on_the_same_mlflow_run(ray_local, tmp_path):
     import mlflow
 
@@ -84,3 +84,46 @@ def test_end_of_training_evaluation_lands_on_the_same_mlflow_run(ray_local, tmp_
     assert version.run_id == run.info.run_id
     assert float(version.tags["eval.dino"]) == pytest.approx(report.metrics["dino"].mean, rel=1e-5)
     assert "eval.real_clip_i" in version.tags
+
+
+class _ReportRecorder:
+    """A Ray Train callback (it runs in the Train controller) that appends each report's metrics
+    to a file the test reads."""
+
+    def __new__(cls, path: Path):
+        from ray.train.v2.api.callback import UserCallback
+
+        class Recorder(UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(metrics[0]) + "\n")
+
+        return Recorder()
+
+
+def test_evaluation_every_is_checked_against_checkpoints(tmp_path):
+    from raybooth.jobs.train.driver import run_training
+
+    config = with_overrides(_config(tmp_path, "bad-every"), {"evaluation.every": 3})
+    with pytest.raises(ConfigError, match=r"evaluation.every \(3\) must be a multiple of train.checkpoint_every"):
+        run_training(config, progress=False)
+
+
+@pytest.mark.timeout(900)
+def test_evaluation_every_reaches_ray_train_reports(ray_local, tmp_path):
+    """What a Tune scheduler sees: eval/* in the reports of the steps that evaluate."""
+    from raybooth.jobs.train.driver import run_training
+
+    reports = tmp_path / "reports.jsonl"
+    config = _config(tmp_path, "eval-every", **{"train.checkpoint_every": 1, "evaluation.every": 2,
+                                                 "tracking.enabled": False})
+    summary = run_training(config, progress=False, callbacks=[_ReportRecorder(reports)])
+    seen = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert [r["step"] for r in seen] == [1, 2]
+    assert "eval/dino" not in seen[0]  # step 1: no evaluation yet
+    assert {"eval/dino", "eval/clip_i", "eval/clip_t"} <= set(seen[1])
+    # The live model at the last step is the exported model: the same images, the same numbers.
+    from raybooth.jobs.evaluate.report import EvaluationReport
+
+    final = EvaluationReport.read(summary.run_dir / "evaluation" / "evaluation.json")
+    assert seen[1]["eval/clip_t"] == pytest.approx(final.metrics["clip_t"].mean, abs=1e-3)

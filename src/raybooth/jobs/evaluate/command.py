@@ -60,6 +60,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.config is None and args.subject_dir and not args.class_noun:
+        from raybooth.platform.errors import UserError
+
+        # Without a config the subject's class is unknown, and the prompts name it.
+        raise UserError(
+            "--class-noun is needed with --subject-dir and no --config: the evaluation prompts name "
+            "the subject's class (e.g. --class-noun dog gives 'a sks dog in the snow')",
+            field="--class-noun",
+        )
     config = load_config(args.config, _quick_overrides(args) + list(args.overrides), schema=EvaluateConfig)
     result = evaluate_config(config, progress=not args.no_progress)
     report = result.report

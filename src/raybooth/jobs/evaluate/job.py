@@ -197,6 +197,20 @@ def plan_work(inputs: EvalInputs, evaluation: EvaluationSection) -> dict[int, Ge
     return work
 
 
+def check_fits(plan, cluster: dict[str, float]) -> None:
+    """An explicit actor count the cluster cannot hold is an error, not a job that waits forever."""
+    kind, per, field = ("GPU", plan.num_gpus, "evaluation.gpus_per_actor") if plan.use_gpu else (
+        "CPU", plan.num_cpus, "evaluation.cpus_per_actor")
+    have = float(cluster.get(kind, 0.0))
+    if plan.num_actors * per > have + 1e-9:
+        raise ConfigError(
+            f"evaluation.num_actors: {plan.num_actors} actor(s) x {per:g} {kind} need "
+            f"{plan.num_actors * per:g} {kind}s but the cluster has {have:g}; lower "
+            f"evaluation.num_actors (or 'auto'), or {field}",
+            field="evaluation.num_actors",
+        )
+
+
 def run_pool(spec: EvalSpec, options: ModelOptions, evaluation: EvaluationSection, work: dict, *, progress: bool):
     """Run `work` on a pool of evaluation actors: ({real index: result}, {gen index: result},
     execution facts, timings)."""
@@ -214,6 +228,7 @@ def run_pool(spec: EvalSpec, options: ModelOptions, evaluation: EvaluationSectio
         total_gpus=_cluster_gpus(),
         available_cpus=float(ray.available_resources().get("CPU", 0.0)),
     )
+    check_fits(plan, ray.cluster_resources())
     total = sum(len(t.indices) for k, t in work.items() if k != REAL_BLOCK)
     log.info("evaluation: %d images to generate and embed, %s", total, plan.describe())
     real: dict[int, EmbeddedImage] = {}

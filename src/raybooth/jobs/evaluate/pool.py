@@ -21,7 +21,7 @@ class EvalPool(ActorPool):
             (spec, options),
             plan,
             method="run",
-            what="evaluation",
+            what="model-evaluation",
             model_ref=spec.model_ref,
             oom_advice="lower evaluation.batch_size, or give each actor a whole GPU (evaluation.gpus_per_actor: 1)",
             oom_field="evaluation.batch_size",

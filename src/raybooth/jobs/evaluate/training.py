@@ -23,6 +23,7 @@ from typing import Any
 from raybooth.jobs.evaluate.job import EvaluationResult, check_inputs, run_evaluation
 from raybooth.jobs.evaluate.report import REPORT_FILE, EvaluationReport
 from raybooth.platform.config import TrainConfig
+from raybooth.platform.errors import ConfigError
 
 log = logging.getLogger("raybooth.evaluate")
 
@@ -53,7 +54,15 @@ def check_training_evaluation(config: TrainConfig) -> None:
     """The evaluation's own checks (prompts, encoders, sizes, subject photos), on the driver before
     training starts, so a bad `evaluation:` section never costs a training run. The model is the
     one about to be trained: checked by training itself."""
-    if config.evaluation is not None:
+    ev = config.evaluation
+    if ev is not None and ev.every and ev.every % config.train.checkpoint_every:
+        raise ConfigError(
+            f"evaluation.every ({ev.every}) must be a multiple of train.checkpoint_every "
+            f"({config.train.checkpoint_every}): the numbers reach Ray Train (and Tune) with a "
+            "checkpoint's report",
+            field="evaluation.every",
+        )
+    if ev is not None:
         check_inputs(model=config.model, model_options=config.model_options, lora=None,
                      subject=config.subject, evaluation=config.evaluation, output_dir=None,
                      check_model=False)

@@ -150,6 +150,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     log = MetricsLog(run_dir) if rank == 0 else None
     tracker = attach_tracker(job) if rank == 0 else None
+    # evaluation.every: rank 0 judges the live model; the numbers ride on the checkpoint reports.
+    from raybooth.jobs.evaluate.live import live_evaluator
+
+    evaluator = live_evaluator(config, job.instance_images, device) if rank == 0 else None
+    eval_metrics: dict[str, float] = {}
     if log is not None:
         if state is not None:
             log.event("resumed", step=start_step, checkpoint=str(state.directory), world_size=world,
@@ -214,6 +219,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     tracker.log_metrics({k: float(r[k]) for k in METRIC_NAMES}, step=r["step"])
             if rank == 0 and validation_due:
                 run_validation(config, models, accelerator, run_dir, step, device, weight_dtype, tracker)
+            if evaluator is not None and step % evaluator.every == 0:
+                eval_metrics = evaluator.evaluate(
+                    accelerator.unwrap_model(models.unet), models.vae, accelerator.unwrap_model(models.text_encoder),
+                    models.tokenizer, models.noise_scheduler.config,
+                    weight_dtype if t.mixed_precision != "no" else None,
+                )
+                if tracker is not None:
+                    tracker.log_metrics(eval_metrics, step=step)
             window.reset()
             window_started = time.perf_counter()
             last = records[-1]
@@ -223,7 +236,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             report_checkpoint(
                 accelerator, wrapped, optimizer, lr_scheduler, rank=rank, world=world, step=step,
                 micro_step=step * t.gradient_accumulation_steps,
-                metrics={k: last[k] for k in ("step", *METRIC_NAMES)},
+                metrics={**{k: last[k] for k in ("step", *METRIC_NAMES)}, **eval_metrics},
                 meta={"mode": t.mode, "train_text_encoder": t.train_text_encoder, "lora_rank": t.lora_rank,
                       "model": config.model, "seed": t.seed, "run_name": config.run.name},
             )
