@@ -245,10 +245,13 @@
     const control = controlFor(form, problem.field);
     if (control) {
       errorSlot(control).textContent = problem.message;
-      if (!control.classList.contains("field-error")) {
-        control.setAttribute("aria-invalid", "true");
-        const panel = control.closest("[role=tabpanel]");
-        if (panel && !panel.hidden) control.focus();
+      // A fixed error slot (the mask's) belongs to the control it describes.
+      const target = control.classList.contains("field-error")
+        ? form.querySelector(`[aria-describedby~="${control.id}"]`) : control;
+      if (target) {
+        if (target === control) target.setAttribute("aria-invalid", "true");
+        const panel = target.closest("[role=tabpanel]");
+        if (panel && !panel.hidden) target.focus();
       }
       return;
     }
