@@ -389,7 +389,11 @@ def run_sweep(loaded: LoadedSweep, *, resume: bool = False, num_cpus: int | None
                           "start another with sweep.name set to a new name", field="sweep.name")
 
     # Checked before any worker starts: the inputs of a trial config (photos, model, resume).
-    from raybooth.jobs.train.inputs import check_inputs, check_placement, worker_resources
+    from raybooth.jobs.train.inputs import (
+        check_inputs,
+        check_placement,
+        worker_resources,
+    )
 
     probe = trial_config(_context(loaded, sweep_dir, None), {d.key: d.candidates()[0] for d in loaded.dims}, "probe")
     check_inputs(probe)
@@ -413,7 +417,12 @@ def run_sweep(loaded: LoadedSweep, *, resume: bool = False, num_cpus: int | None
         class_set = ensure_class_images(loaded.base, progress=True)
         print(f"tune: class images {class_set.identity} ready ({len(class_set.images)})", flush=True)
 
-    from raybooth.tune.tracking import close_child_run, log_table, results_table, start_parent_run
+    from raybooth.tune.tracking import (
+        close_child_run,
+        log_table,
+        results_table,
+        start_parent_run,
+    )
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     parent = start_parent_run(loaded.base, sweep_dir, name=name, params=_sweep_params(loaded),

@@ -17,8 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from raybooth.platform.config import TrainConfig
-from raybooth.platform.mlflow.runs import RUN_RECORD, RunRecord, RunTracker, read_run_record
-from raybooth.platform.mlflow.store import client_for, ensure_experiment, resolve_tracking_uri, server_reachable
+from raybooth.platform.mlflow.runs import (
+    RUN_RECORD,
+    RunRecord,
+    RunTracker,
+    read_run_record,
+)
+from raybooth.platform.mlflow.store import (
+    client_for,
+    ensure_experiment,
+    resolve_tracking_uri,
+    server_reachable,
+)
 from raybooth.platform.paths import write_json_atomic
 
 log = logging.getLogger("raybooth.tune")
