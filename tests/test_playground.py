@@ -255,7 +255,9 @@ def test_paint_a_mask_and_inpaint_keeps_the_unpainted_pixels(page, served, tmp_p
     source = tmp_path / "scene.png"
     Image.fromarray(scene).save(source)
 
-    page.get_by_role("tab", name="Inpaint").click()
+    page.get_by_role("tab", name="Generate").focus()  # the tabs work by keyboard
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="Inpaint")).to_be_focused()
     form = panel(page, "Inpaint")
     form.get_by_label("Image to edit").set_input_files(str(source))
     canvas = form.get_by_role("img", name="Mask")
@@ -398,13 +400,17 @@ def test_busy_state_cancel_and_retry_after_503(page, served):
 
     held = []
     page.route("**/v1/images/generations", lambda route: held.append(route))  # never answered
-    generate(page, "a slow request")
+    # By keyboard: Ctrl+Enter in the prompt sends, Enter on Cancel cancels.
+    form.get_by_label("Prompt", exact=True).fill("a slow request")
+    form.get_by_label("Prompt", exact=True).press("Control+Enter")
     expect(button).to_be_disabled()
     expect(status).to_contain_text("Generating…")
     expect(status).to_contain_text(" s")
-    form.get_by_role("button", name="Cancel").click()
+    form.get_by_role("button", name="Cancel").focus()
+    page.keyboard.press("Enter")
     expect(status).to_have_text("Cancelled")
     expect(button).to_be_enabled()
+    expect(button).to_be_focused()  # focus is not lost with the disabled Cancel button
     page.unroute("**/v1/images/generations")
 
     calls = []
