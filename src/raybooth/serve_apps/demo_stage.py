@@ -33,8 +33,13 @@ def _free_port() -> int:
 
 
 def demo_config(args: dict[str, Any], port: int) -> dict[str, Any]:
-    small = {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 16,
+    """Every model deployment small enough that all of them and the ingress fit on two cores."""
+    from raybooth.serve_apps.settings import deployment_name, load_args
+
+    small = {"ray_actor_options": {"num_cpus": 0.4}, "max_ongoing_requests": 16,
              "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}}
+    names = [deployment_name(task, i, spec) for task, specs in load_args(args).by_task().items()
+             for i, spec in enumerate(specs)]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -43,7 +48,7 @@ def demo_config(args: dict[str, Any], port: int) -> dict[str, Any]:
             # The API stays open in the demo whatever the environment holds.
             "args": {**args, "auth": {"api_keys_env": f"RAYBOOTH_DEMO_NO_KEYS_{uuid.uuid4().hex[:6]}"}},
             "deployments": [{"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}},
-                            {"name": "TextToImage", **small}, {"name": "Inpainting", **small}],
+                            *({"name": name, **small} for name in names)],
         }],
     }
 
