@@ -51,7 +51,7 @@ class SchedulerSection(Section):
     type: Literal["asha", "none"] = "asha"
     grace_period: int = Field(default=1, ge=1, description="reports (checkpoints) before a trial can be stopped")
     reduction_factor: float = Field(default=2.0, gt=1)
-    max_t: int | None = Field(default=None, ge=1, description="None: the reports a full trial makes")
+    max_t: int | None = Field(default=None, ge=1, description="reports of the longest trial (rungs end there); None: the base config's")
 
 
 class ObjectiveSection(Section):

@@ -241,7 +241,11 @@ def _scheduler(loaded: LoadedSweep):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or loaded.reports_per_trial,
+    # ASHA stops a trial when it reaches max_t; one more than the reports a full trial makes, so
+    # a trial that survives every rung finishes its own way (exports its model, writes summary.json)
+    # instead of being cut at its last checkpoint.
+    max_t = (s.max_t or loaded.reports_per_trial) + 1
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
