@@ -23,7 +23,7 @@ import torch
 
 from raybooth.jobs.toy.inpainting import InpaintConfig, train_inpainting
 from raybooth.jobs.toy.text_to_image import T2IConfig, train_text_to_image
-from raybooth.jobs.toy.vae import fold_normalisation, reconstruction_accuracy, train_vae
+from raybooth.jobs.toy.vae import fold_normalisation, pin_posterior, reconstruction_accuracy, train_vae
 from raybooth.platform.paths import write_json_atomic
 from raybooth.platform.toy.architecture import make_tokenizer
 from raybooth.platform.toy.models import BUILD_FILE, UNET_FOLDERS
@@ -118,6 +118,7 @@ def build(cfg: BuildConfig, argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         vae, vae_curve = train_vae(cfg.seed, cfg.vae_steps)
         stats = fold_normalisation(vae, cfg.seed + 3)
+        pin_posterior(vae)
         record["vae"] = {"curve": vae_curve, **stats,
                          "reconstruction": reconstruction_accuracy(vae, cfg.seed + 4)}
         record["timings_s"]["vae"] = round(time.perf_counter() - t0, 1)

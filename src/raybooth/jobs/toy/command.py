@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--vae-steps", type=int, default=2000)
     b.add_argument("--t2i-steps", type=int, default=4000)
-    b.add_argument("--inpaint-steps", type=int, default=800)
+    b.add_argument("--inpaint-steps", type=int, default=2000)
     b.add_argument("--eval-every", type=int, default=500)
     b.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a shared machine: OpenMP threads that "

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InpaintConfig:
-    steps: int = 1500
+    steps: int = 2000
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 100
