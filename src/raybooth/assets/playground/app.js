@@ -476,10 +476,16 @@
       img.src = url;
       img.alt = `${what} image, seed ${seed}: ${request.prompt}`;
       node.querySelector(".seed-label").textContent = `Seed ${seed}`;
-      const bits = [data.model, `${params.steps} steps`, `guidance ${params.guidance_scale}`, params.scheduler,
-        `${params.width}×${params.height}`];
-      if (task === "inpainting") bits.push(`strength ${params.strength}`);
-      if (data.timings) bits.push(`${data.timings.total_s.toFixed(2)} s`);
+      const has = (v) => v !== undefined && v !== null;
+      const bits = [
+        data.model,
+        has(params.steps) && `${params.steps} steps`,
+        has(params.guidance_scale) && `guidance ${params.guidance_scale}`,
+        params.scheduler,
+        has(params.width) && has(params.height) && `${params.width}×${params.height}`,
+        task === "inpainting" && has(params.strength) && `strength ${params.strength}`,
+        data.timings && typeof data.timings.total_s === "number" && `${data.timings.total_s.toFixed(2)} s`,
+      ];
       node.querySelector(".params").textContent = `${request.prompt} — ${bits.filter(Boolean).join(" · ")}`;
       const download = node.querySelector("a.download");
       download.href = url;
