@@ -139,7 +139,7 @@ def test_paper_prompt_sets_and_identifier_removal():
                         instance_prompt="a photo of sks backpack")
     live = build_prompts(prompt_set="live", prompts=None, identifier="sks", class_noun=None,
                          instance_prompt="a photo of sks dog")
-    assert len(obj) == len(live) == 25 and set(PROMPT_SETS) == {"object", "live"}
+    assert len(obj) == len(live) == 25 and set(PROMPT_SETS) == {"object", "live", "toy"}
     assert [p.category for p in obj].count("recontextualisation") == 20
     assert [p.category for p in live].count("accessorisation") == 10
     assert obj[0].prompt == "a sks backpack in the jungle" and obj[0].class_prompt == "a backpack in the jungle"
@@ -328,3 +328,47 @@ def test_quick_mode_needs_the_class_noun_and_an_oversized_pool_is_an_error(tmp_p
     check_fits(ActorPlan(num_actors=2, num_cpus=1, num_gpus=0, use_gpu=False), {"CPU": 2.0})
     with pytest.raises(ConfigError, match=r"2 actor\(s\) x 1 GPU need 2 GPUs but the cluster has 1"):
         check_fits(ActorPlan(num_actors=2, num_cpus=1, num_gpus=1, use_gpu=True), {"CPU": 16.0, "GPU": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy world's judge as metrics
+
+
+def test_toy_judge_scores_read_the_subject_and_the_prompt():
+    from raybooth.jobs.evaluate.actor import encode_png
+    from raybooth.jobs.evaluate.toy_scores import requested, score_images
+    from raybooth.platform.toy.subject import SUBJECT, render_subject
+    from raybooth.platform.toy.world import Scene, render
+
+    assert requested("a yellow square on a white background") == {
+        "background": "white", "shape": "square", "colour": "yellow"}
+    images = [
+        encode_png(render_subject(SUBJECT, "green", 0.6)),  # the subject, where it was asked
+        encode_png(render_subject(SUBJECT, "black", 0.6)),  # the subject, on the wrong background
+        encode_png(render(Scene(colour="yellow", shape="square", background="white"))),  # not the subject
+    ]
+    prompts = ["a sks circle on a green background", "a sks circle on a green background",
+               "a yellow square on a white background"]
+    subject, prompt, readings = score_images(images, prompts, [p.replace("sks ", "") for p in prompts], "sks")
+    assert subject[0] > 0.9 and subject[1] > 0.9 and subject[2] == 0.0
+    assert prompt.tolist() == [1.0, 0.0, 1.0]
+    assert readings[2]["colour"] == "yellow" and readings[2]["shape"] == "square"
+
+
+def test_toy_model_report_has_the_judge_scores(first_run, tmp_path):
+    """configs/evaluate/toy.yaml, cut down: the toy model, the toy prompt set, one actor."""
+    from raybooth.jobs.evaluate.config import EvaluateConfig
+    from raybooth.jobs.evaluate.job import evaluate_config
+    from raybooth.platform.config import load_config
+
+    config = load_config(REPO / "configs" / "evaluate" / "toy.yaml",
+                         [f"output_dir={tmp_path}", "evaluation.images_per_prompt=1",
+                          "evaluation.num_actors=1", "evaluation.steps=10",
+                          f"subject.instance_data_dir={REPO / 'examples' / 'toy-subject'}"],
+                         schema=EvaluateConfig)
+    report = evaluate_config(config, progress=False).report
+    assert {"dino", "clip_i", "clip_t", "toy_subject", "toy_prompt"} == set(report.metrics)
+    assert report.baseline["toy_subject"].mean > 0.9  # the subject's own photos are the subject
+    assert 0.0 <= report.metrics["toy_prompt"].mean <= 1.0 and report.counts["generated"] == 4
+    assert all("toy_reading" in r.extra and "toy_subject" in r.extra for r in report.images)
+    assert all(set(p.values) == set(report.metrics) for p in report.per_prompt)

@@ -27,6 +27,7 @@ from raybooth.jobs.evaluate.actor import REAL_BLOCK, EmbedTask, EmbeddedImage, E
 from raybooth.jobs.evaluate.config import EvaluateConfig
 from raybooth.jobs.evaluate.encoders import CLIP, DINO, ResolvedEncoder, resolve_encoder
 from raybooth.jobs.evaluate.prompts import EvalPrompt, build_prompts
+from raybooth.jobs.evaluate.toy_scores import is_toy_model
 from raybooth.jobs.evaluate.report import (
     CLIP_I,
     CLIP_T,
@@ -284,8 +285,10 @@ def build_report(
     image_files: dict[int, str],
     execution: dict[str, Any],
     timings: dict[str, float],
+    toy: str | None = None,
 ) -> EvaluationReport:
-    """The metrics from the embeddings (no models here)."""
+    """The metrics from the embeddings (no models here). `toy`: the identifier, when the toy
+    judge's scores are wanted (a toy-based model)."""
     n = evaluation.images_per_prompt
     order = sorted(generated)
     real_order = sorted(real)
@@ -294,38 +297,56 @@ def build_report(
     gen_dino = np.stack([generated[i].dino for i in order])
     gen_clip = np.stack([generated[i].clip for i in order])
     gen_text = np.stack([generated[i].text for i in order])
-    scores = {
-        "dino": M.pairwise_scores(gen_dino, real_dino),
+    scores: dict[str, np.ndarray] = {
+        DINO: M.pairwise_scores(gen_dino, real_dino),
         CLIP_I: M.pairwise_scores(gen_clip, real_clip),
         CLIP_T: M.text_scores(gen_clip, gen_text),
     }
     samples, seed = evaluation.bootstrap_samples, evaluation.seed
-    metrics = {name: M.bootstrap(s, samples=samples, seed=seed) for name, s in scores.items()}
     baseline = {}
     if len(real_order) >= 2:
         baseline = {
             "dino": M.bootstrap(M.real_baseline_scores(real_dino), samples=samples, seed=seed),
             CLIP_I: M.bootstrap(M.real_baseline_scores(real_clip), samples=samples, seed=seed),
         }
+    extras: list[dict[str, Any]] = [{} for _ in order]
+    if toy is not None:
+        from raybooth.jobs.evaluate import toy_scores as T
+
+        rows = [(inputs.prompts[i // n], generated[i].png) for i in order]
+        subject, prompt, readings = T.score_images(
+            [png for _, png in rows], [p.prompt for p, _ in rows], [p.class_prompt for p, _ in rows], toy)
+        scores[T.TOY_SUBJECT], scores[T.TOY_PROMPT] = subject, prompt
+        extras = [{"toy_reading": r} for r in readings]
+        baseline[T.TOY_SUBJECT] = M.bootstrap(T.real_subject_scores(inputs.real_pngs), samples=samples, seed=seed)
+    metrics = {}
+    for name, s in scores.items():
+        known = s[~np.isnan(s)]
+        if known.size:  # a judge score the prompts give nothing to read has no estimate
+            metrics[name] = M.bootstrap(known, samples=samples, seed=seed)
+    paper = (DINO, CLIP_I, CLIP_T)
     records: list[ImageRecord] = []
     for row, i in enumerate(order):
         p = inputs.prompts[i // n]
+        others = {name: _number(s[row]) for name, s in scores.items() if name not in paper}
         records.append(ImageRecord(
             index=i, prompt_index=i // n, prompt=p.prompt, class_prompt=p.class_prompt,
             category=p.category, seed=evaluation.seed + i % n, file=image_files[i],
-            **{name: float(s[row]) for name, s in scores.items()},
+            **{name: float(scores[name][row]) for name in paper}, extra={**others, **extras[row]},
         ))
+    prompt_of = np.asarray([i // n for i in order])
+    categories = np.asarray([inputs.prompts[i // n].category for i in order])
     per_prompt = []
     for pi, p in enumerate(inputs.prompts):
-        mine = [r for r in records if r.prompt_index == pi]
+        mask = prompt_of == pi
         per_prompt.append(PromptResult(
             prompt=p.prompt, class_prompt=p.class_prompt, category=p.category,
-            values={name: float(np.mean([getattr(r, name) for r in mine])) for name in scores},
-            files=[r.file for r in mine],
+            values={name: _mean(s[mask]) for name, s in scores.items()},
+            files=[r.file for r in records if r.prompt_index == pi],
         ))
     per_category = {
-        cat: {name: float(np.mean([getattr(r, name) for r in records if r.category == cat])) for name in scores}
-        for cat in sorted({r.category for r in records})
+        cat: {name: _mean(s[categories == cat]) for name, s in scores.items()}
+        for cat in sorted(set(categories.tolist()))
     }
     settings = evaluation.model_dump()
     settings["prompts"] = [p.prompt for p in inputs.prompts]
@@ -344,6 +365,16 @@ def build_report(
         timings={k: round(v, 3) for k, v in timings.items()},
         execution=execution,
     )
+
+
+def _number(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """The mean of the known values (JSON has no NaN: None when there are none)."""
+    known = values[~np.isnan(values)]
+    return float(known.mean()) if known.size else None
 
 
 def write_outputs(inputs: EvalInputs, generated: dict[int, EmbeddedImage], evaluation: EvaluationSection) -> dict[int, str]:
@@ -382,8 +413,10 @@ def run_evaluation(
     output_dir: str | Path,
     progress: bool = True,
     resolved: ResolvedModel | None = None,
+    toy_based: bool | None = None,
 ) -> EvaluationResult:
-    """Check, run on Ray actors, write `<output_dir>/evaluation.json`; returns the typed report."""
+    """Check, run on Ray actors, write `<output_dir>/evaluation.json`; returns the typed report.
+    `toy_based`: add the toy judge's scores (None: when the model or the prompt set is the toy's)."""
     t0 = time.perf_counter()
     inputs = check_inputs(model=model, model_options=model_options, lora=lora, subject=subject,
                           evaluation=evaluation, output_dir=output_dir, resolved=resolved)
@@ -404,7 +437,12 @@ def run_evaluation(
     timings.update(pool_timings)
     t2 = time.perf_counter()
     files = write_outputs(inputs, generated, evaluation)
-    report = build_report(inputs, evaluation, real, generated, image_files=files, execution=execution, timings={})
+    if toy_based is None:
+        toy_based = is_toy_model(inputs.resolved.kind, inputs.resolved.path, evaluation.prompt_set,
+                                 evaluation.prompts is not None)
+    toy = subject.identifier if toy_based else None
+    report = build_report(inputs, evaluation, real, generated, image_files=files, execution=execution,
+                          timings={}, toy=toy)
     timings["metrics_and_files_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     work_s = timings.get("generate_embed_s") or 0.0

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raybooth.platform.errors import ConfigError
+from raybooth.platform.toy.subject import SUBJECT as TOY_SUBJECT
 
 RECONTEXTUALISATION = "recontextualisation"
 ACCESSORISATION = "accessorisation"
@@ -72,6 +73,9 @@ PROMPT_SETS: dict[str, list[tuple[str, str]]] = {
     + [(t, ACCESSORISATION) for t in _ACCESSORIES]
     + [(t, PROPERTY) for t in _PROPERTIES],
 }
+# The toy world (raybooth.platform.toy): its subject on every background it is not made of. Only
+# words the toy models' caption grammar knows; the toy judge reads the background back.
+PROMPT_SETS["toy"] = [(f"a {{}} on a {bg} background", RECONTEXTUALISATION) for bg in TOY_SUBJECT.backgrounds()]
 PROMPT_SET_ALIASES = {"objects": "object", "live-subject": "live", "live_subject": "live", "pets": "live"}
 
 
@@ -138,8 +142,9 @@ def build_prompts(
     if name not in PROMPT_SETS:
         raise ConfigError(
             f"evaluation.prompt_set {prompt_set!r} is not a prompt set raybooth knows: use "
-            f"{' or '.join(repr(n) for n in PROMPT_SETS)} (the DreamBooth paper's 25 prompts for "
-            "objects and for live subjects), or give your own list as evaluation.prompts",
+            f"{', '.join(repr(n) for n in PROMPT_SETS)} ('object' and 'live': the DreamBooth paper's "
+            "25 prompts for objects and for live subjects; 'toy': the toy world's), or give your own "
+            "list as evaluation.prompts",
             field="evaluation.prompt_set",
         )
     noun = (class_noun or "").strip() or class_noun_from(instance_prompt, identifier)

@@ -24,6 +24,7 @@ from raybooth.jobs.evaluate.job import EvaluationResult, check_inputs, run_evalu
 from raybooth.jobs.evaluate.report import REPORT_FILE, EvaluationReport
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import ConfigError
+from raybooth.platform.toy.models import TOY_NAMES
 
 log = logging.getLogger("raybooth.evaluate")
 
@@ -47,7 +48,11 @@ def mlflow_metrics(report: EvaluationReport) -> dict[str, float]:
 def image_table(report: EvaluationReport) -> dict[str, list[Any]]:
     """The per-image table, column-wise (what `log_table` takes)."""
     columns = ("prompt", "class_prompt", "category", "seed", "dino", "clip_i", "clip_t", "file")
-    return {c: [getattr(r, c) for r in report.images] for c in columns}
+    table = {c: [getattr(r, c) for r in report.images] for c in columns}
+    for name in report.metrics:  # the toy judge's scores, when the model is toy-based
+        if name not in columns:
+            table[name] = [r.extra.get(name) for r in report.images]
+    return table
 
 
 def check_training_evaluation(config: TrainConfig) -> None:
@@ -80,6 +85,7 @@ def evaluate_training(config: TrainConfig, summary: Any, tracker: Any = None, *,
         model=model, model_options=config.model_options, lora=str(lora) if lora else None,
         subject=config.subject, evaluation=config.evaluation,
         output_dir=Path(summary.run_dir) / EVAL_DIR, progress=progress,
+        toy_based=True if config.model in TOY_NAMES else None,  # the export is a toy model's child
     )
     report = result.report
     print("evaluation: " + ", ".join(f"{k} {v.mean:.4f}" for k, v in report.metrics.items())
