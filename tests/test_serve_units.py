@@ -22,7 +22,7 @@ from raybooth.serve_apps.settings import AuthSettings, Defaults, Limits, load_ar
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml", "toy.yaml"])
 def test_shipped_serve_configs_are_valid_for_serve_and_raybooth(name):
     config = load_serve_config(REPO / "configs" / "serve" / name)
     app = config["applications"][0]
@@ -40,7 +40,8 @@ def test_shipped_serve_configs_are_valid_for_serve_and_raybooth(name):
         assert "inpainting" in args.inpainting[0].model and args.auth.required
     else:
         assert config["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 330}
-        assert args.text_to_image[0].model == "tiny" and args.inpainting[0].model == "tiny-inpainting"
+        base = "toy" if name == "toy.yaml" else "tiny"
+        assert args.text_to_image[0].model == base and args.inpainting[0].model == f"{base}-inpainting"
     assert with_http(config, port=9)["http_options"]["port"] == 9 and config["http_options"]["port"] != 9
 
 

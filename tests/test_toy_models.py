@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raybooth.platform.toy.models import ASSETS, TOY_NAMES, recommended_defaults, toy_weights_present
+from raybooth.platform.generation import defaults_for
+from raybooth.platform.toy.models import ASSETS, TOY_NAMES, toy_weights_present
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -36,7 +37,8 @@ def toy_inpainting_runner():
 def _params(cls, model_dir):
     # The toy models' own recommended settings (guidance ~4, 25 DDIM steps), read from the model
     # folder: raybooth's global defaults suit Stable Diffusion, not these.
-    return cls(**recommended_defaults(model_dir))
+    d = defaults_for(model_dir)
+    return cls(steps=d.steps, guidance_scale=d.guidance_scale, scheduler=d.scheduler)
 
 
 def test_shipped_weights_are_small_safetensors():
@@ -58,7 +60,7 @@ def test_toy_references_resolve_like_tiny():
         resolved = resolve_model(name)
         assert resolved.kind == "toy" and (resolved.path / "model_index.json").is_file()
         assert resolve_model(name).path == resolved.path  # assembled once, then reused
-        assert recommended_defaults(resolved.path)["guidance_scale"] == 4.0
+        assert defaults_for(resolved.path).guidance_scale == 4.0
         paths[name] = resolved.path
     t2i = StableDiffusionPipeline.from_pretrained(paths["toy"], use_safetensors=True)
     inp = StableDiffusionInpaintPipeline.from_pretrained(paths["toy-inpainting"], use_safetensors=True)

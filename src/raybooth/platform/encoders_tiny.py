@@ -11,14 +11,11 @@ code path of the evaluation run on a CPU in seconds.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from raybooth.platform.paths import models_dir
+from raybooth.platform.paths import models_dir, publish_dir
 
 TINY_ENCODER_NAMES = ("tiny-dino", "tiny-clip")
 # Bump when an architecture below changes: a different build gets a different folder.
@@ -132,22 +129,15 @@ def tiny_encoder_path(name: str) -> Path:
     # No "Writing model shards" bar in the middle of a command's output (restored afterwards).
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
-    # Build beside the target and rename: several Ray actors may build at once, and a reader
-    # must never see a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    # Several Ray actors may build at once; a reader must never see a half-written model.
     try:
-        (_save_dino if kind == "dino" else _save_clip)(tmp)
-        (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor(kind), indent=2))
-        (tmp / "raybooth-tiny.json").write_text(
-            json.dumps({"name": name, "build": TINY_ENCODER_BUILD, "seed": _SEED}, indent=2)
-        )
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        with publish_dir(target) as tmp:
+            (_save_dino if kind == "dino" else _save_clip)(tmp)
+            (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor(kind), indent=2))
+            (tmp / "raybooth-tiny.json").write_text(
+                json.dumps({"name": name, "build": TINY_ENCODER_BUILD, "seed": _SEED}, indent=2)
+            )
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if bars:
             transformers_logging.enable_progress_bar()
     return target

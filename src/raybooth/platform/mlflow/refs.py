@@ -13,7 +13,6 @@ this module, never the reverse.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from raybooth.platform.mlflow.store import (
     safe_name,
     server_reachable,
 )
-from raybooth.platform.paths import models_dir
+from raybooth.platform.paths import models_dir, publish_dir
 
 MODELS_PREFIX = "models:/"
 # The named artifacts of a registered raybooth model (its pyfunc `artifacts`).
@@ -180,33 +179,25 @@ def download_version(uri: str, mv) -> Path:
     target = _cache_dir(uri, mv)
     if (target / "MLmodel").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with publish_dir(target) as out, tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         # MLflow 3 drops the explicit registry_uri somewhere below download_artifacts and falls
         # back to the process default (./mlflow.db when MLFLOW_TRACKING_URI is unset): pin the
         # global store for the call too.
         with fluent_store(uri):
-            local = mlflow.artifacts.download_artifacts(
+            local = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=model_uri(mv.name, version=mv.version),
-                dst_path=str(tmp),
+                dst_path=scratch,
                 tracking_uri=uri,
                 registry_uri=uri,
-            )
-        local = Path(local)
+            ))
         if not (local / "MLmodel").is_file():
             raise ModelError(
                 f"registered model {mv.name} version {mv.version} is not an MLflow model "
                 f"(no MLmodel file in {mv.source})",
                 field="model",
             )
-        try:
-            os.rename(local, target)
-        except OSError:
-            if not (target / "MLmodel").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for item in local.iterdir():
+            shutil.move(str(item), out / item.name)
     return target
 
 

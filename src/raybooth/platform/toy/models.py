@@ -10,19 +10,17 @@ as any model, exactly like `tiny`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from raybooth.platform.paths import models_dir
+from raybooth.platform.generation import MODEL_DEFAULTS_FILE
+from raybooth.platform.paths import models_dir, publish_dir
+from raybooth.platform.quiet import quiet_libraries
 
 TOY_NAMES = ("toy", "toy-inpainting")
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets" / "toy"
 BUILD_FILE = "build.json"  # the record of the build: command, seed, curves (beside the weights)
 # Generation settings the toy models were measured with; the model folder carries them so a
 # caller can prefer them over raybooth's global defaults (which suit Stable Diffusion).
-DEFAULTS_FILE = "raybooth-defaults.json"
 RECOMMENDED = {"guidance_scale": 4.0, "steps": 25, "scheduler": "ddim"}
 UNET_FOLDERS = {"toy": "unet", "toy-inpainting": "unet-inpainting"}
 
@@ -54,26 +52,23 @@ def toy_model_path(name: str = "toy") -> Path:
     target = models_dir() / f"{name}-{toy_build()}"
     if (target / "model_index.json").is_file():
         return target
-    # Build beside the target and rename: several Ray actors may assemble at once, and a reader
-    # must never see a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    # Several Ray actors may assemble at once; a reader must never see a half-written model.
+    quiet_libraries()
+    with publish_dir(target) as tmp:
         save_pipeline(ASSETS, name, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def save_pipeline(assets: Path, name: str, out: Path) -> None:
     """Assemble the diffusers pipeline `name` from the shared asset folders into `out`."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline,
-                           StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     from raybooth.platform.toy.architecture import make_tokenizer, scheduler_config
@@ -91,14 +86,8 @@ def save_pipeline(assets: Path, name: str, out: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / DEFAULTS_FILE).write_text(json.dumps(RECOMMENDED, indent=2))
+    (out / MODEL_DEFAULTS_FILE).write_text(json.dumps(RECOMMENDED, indent=2))
     record = json.loads((assets / BUILD_FILE).read_text()) if (assets / BUILD_FILE).is_file() else {}
     (out / "raybooth-toy.json").write_text(json.dumps(
         {"name": name, "build": record.get("build"), "seed": record.get("seed"),
          "command": record.get("command")}, indent=2))
-
-
-def recommended_defaults(model_dir: str | Path) -> dict:
-    """The generation settings a model folder recommends ({} when it names none)."""
-    path = Path(model_dir) / DEFAULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
