@@ -100,3 +100,8 @@ def test_judge_reads_a_models_rounded_square_as_a_square():
     for y, x in [(ys.min(), xs.min()), (ys.min(), xs.max()), (ys.max(), xs.min()), (ys.max(), xs.max())]:
         img[y, x] = COLOURS["green"]  # knock off each corner pixel
     assert judge(Image.fromarray(img)).shape == "square"
+
+
+def test_judge_tells_an_ordinary_shape_from_the_two_coloured_subject():
+    assert all(judge(render(s)).ordinary() for s in random_scenes(4, 200))
+    assert not judge(render_subject(SUBJECT, "white", 0.6)).ordinary()

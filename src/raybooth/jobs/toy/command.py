@@ -21,9 +21,9 @@ def register(subparsers: Any) -> None:
     b = sub.add_parser("build", help="train the toy models (about an hour on 2 CPU cores)")
     b.add_argument("--out", default=None, help="output folder (default: the package's assets/toy)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--vae-steps", type=int, default=2000)
+    b.add_argument("--vae-steps", type=int, default=3000)
     b.add_argument("--t2i-steps", type=int, default=4000)
-    b.add_argument("--inpaint-steps", type=int, default=2000)
+    b.add_argument("--inpaint-steps", type=int, default=1500)
     b.add_argument("--eval-every", type=int, default=500)
     b.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a shared machine: OpenMP threads that "

@@ -18,7 +18,7 @@ import torch
 
 from raybooth.jobs.toy.recipe import lr_factor
 from raybooth.platform.toy.architecture import vae_config
-from raybooth.platform.toy.world import random_scenes, render_batch
+from raybooth.platform.toy.world import COLOURS, RESOLUTION, random_scenes, render_batch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,39 @@ log = logging.getLogger(__name__)
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1], the pipelines' convention."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def random_compositions(rng: np.random.Generator, n: int, resolution: int = RESOLUTION) -> np.ndarray:
+    """(N, H, W, 3) uint8: 1-4 flat palette shapes (discs, boxes, triangles) at random places and
+    sizes, overlapping, on a plain background. The VAE must encode more than the caption grammar
+    draws (a DreamBooth subject such as a two-coloured circle, an inpainted region), so half of
+    its training images are these generic compositions; the grammar's scenes are the other half."""
+    palette = np.array(list(COLOURS.values()), dtype=np.uint8)
+    yy, xx = np.mgrid[:resolution, :resolution] + 0.5
+    out = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
+    for i in range(n):
+        out[i] = palette[rng.integers(len(palette))]
+        for _ in range(int(rng.integers(1, 5))):
+            cy, cx = rng.uniform(0, resolution, 2)
+            r = rng.uniform(2, resolution / 2.5)
+            kind = rng.integers(3)
+            if kind == 0:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+            elif kind == 1:
+                ry = rng.uniform(2, resolution / 2.5)
+                mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= ry)
+            else:
+                t = (yy - (cy - r)) / (2 * r)
+                mask = (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r)
+            out[i][mask] = palette[rng.integers(len(palette))]
+    return out
+
+
+def training_images(seed: int, step: int, batch: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, step])
+    half = batch // 2
+    return np.concatenate([render_batch(random_scenes(seed * 1_000_003 + step, batch - half)),
+                           random_compositions(rng, half)])
 
 
 def train_vae(seed: int, steps: int, batch: int = 16, lr: float = 1e-3, kl_weight: float = 1e-5):
@@ -38,7 +71,7 @@ def train_vae(seed: int, steps: int, batch: int = 16, lr: float = 1e-3, kl_weigh
     t0 = time.perf_counter()
     curve = []
     for step in range(steps):
-        x = to_tensor(render_batch(random_scenes(seed * 1_000_003 + step, batch)))
+        x = to_tensor(training_images(seed, step, batch))
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         rec = (recon - x).abs().mean() + ((recon - x) ** 2).mean()
@@ -101,7 +134,13 @@ def reconstruction_accuracy(vae, seed: int, n: int = 256) -> dict:
     out = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     same = [(classify_pixels(a) == classify_pixels(b)).mean() for a, b in zip(images, out)]
     reads = [judge(o) for o in out]
+    from raybooth.platform.toy.subject import SUBJECT, render_subject, subject_score
+
+    subjects = np.stack([np.asarray(render_subject(SUBJECT, bg, 0.6)) for bg in SUBJECT.backgrounds()])
+    rs = vae.decode(vae.encode(to_tensor(subjects)).latent_dist.mean).sample
+    rs = ((rs.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return {
+        "subject_score": float(np.mean([subject_score(o) for o in rs])),
         "pixels": float(np.mean(same)),
         "background": float(np.mean([r.background == s.background for r, s in zip(reads, scenes)])),
         "colour": float(np.mean([r.colour == s.colour for r, s in zip(reads, scenes)])),

@@ -28,10 +28,15 @@ class Reading:
     colour: str | None
     shape: str | None
     object_fraction: float  # share of the image covered by the object colour
+    purity: float = 0.0  # share of the non-background pixels in the object colour (1: one colour)
+
+    def ordinary(self) -> bool:
+        """A single flat-coloured shape the grammar can describe (not, e.g., a two-coloured one)."""
+        return self.colour is not None and self.shape is not None and self.purity >= 0.8
 
     def to_json(self) -> dict:
         return {"background": self.background, "colour": self.colour, "shape": self.shape,
-                "object_fraction": self.object_fraction}
+                "object_fraction": self.object_fraction, "purity": self.purity}
 
 
 def classify_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -82,7 +87,8 @@ def judge(image: Image.Image | np.ndarray) -> Reading:
         return Reading(PALETTE_NAMES[bg], None, None, float(inner.size) / labels.size)
     obj = _majority(inner)
     mask = labels == obj
-    return Reading(PALETTE_NAMES[bg], PALETTE_NAMES[obj], read_shape(mask), float(mask.mean()))
+    return Reading(PALETTE_NAMES[bg], PALETTE_NAMES[obj], read_shape(mask), float(mask.mean()),
+                   float(mask.sum() / inner.size))
 
 
 def colour_inside(image: Image.Image | np.ndarray, mask: np.ndarray) -> str | None:
