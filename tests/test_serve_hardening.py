@@ -281,6 +281,7 @@ def _schemathesis(url: str, tmp_path: Path, name: str, *args: str) -> tuple[int,
     cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", url + "/openapi.json",
            "--checks", "all", "--phases", "examples,coverage,fuzzing", "--max-examples", "15",
            "--seed", "7", "--workers", "1", "--no-shrink", "--request-timeout", "60",
+           "--max-response-time", "60",  # correctness, not speed: loaded CPUs answer slowly
            "--report", "ndjson", "--report-ndjson-path", str(report), *args]
     env = {**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
@@ -375,11 +376,11 @@ def _serve_replicas_running(deployment: str) -> int:
 def test_overload_past_the_queue_is_503_with_retry_after_and_memory_stays_bounded(app):
     [replica] = _replicas("TextToImageQueue")
     [ingress] = _replicas("Ingress")
-    body = lambda i: dict(prompt=f"burst {i}", model="tiny-queue", seed=i, steps=2)  # noqa: E731
+    body = lambda i: dict(prompt=f"burst {i}", model="tiny-queue", seed=i, steps=1, size="32x32")  # noqa: E731
     assert requests.post(app.url + "/v1/images/generations", json=body(0), timeout=60).status_code == 200
     rss = (_rss_mb(replica), _rss_mb(ingress))
     statuses = []
-    for burst in range(3):
+    for burst in range(2):
         with cf.ThreadPoolExecutor(24) as pool:
             responses = list(pool.map(lambda i: requests.post(app.url + "/v1/images/generations",
                                                               json=body(i), timeout=60), range(24)))
