@@ -350,16 +350,22 @@ def _rss_mb(proc) -> float:
     return proc.memory_info().rss / 2**20
 
 
+FIRST_FAILURES: list[str] = []  # what the retried requests got the first time (for the report)
+
+
 def _with_one_retry(url: str, body: dict) -> tuple[requests.Response | None, int]:
     """What a careful client does: on a 503 or a dropped connection, wait Retry-After, retry once."""
     resp = None
     for attempt in range(2):
         try:
             resp = requests.post(url + "/v1/images/generations", json=body, timeout=60)
-        except requests.ConnectionError:
+        except requests.ConnectionError as exc:
             resp = None
+            FIRST_FAILURES.append(f"connection error {type(exc).__name__}")
         if resp is not None and resp.status_code == 200:
             return resp, attempt
+        if resp is not None:
+            FIRST_FAILURES.append(f"{resp.status_code} {resp.text[:160]}")
         if attempt == 0:
             wait = float(resp.headers.get("retry-after", RETRY_AFTER_S)) if resp is not None else RETRY_AFTER_S
             time.sleep(wait)
@@ -445,7 +451,8 @@ def test_a_replica_killed_mid_load_loses_no_request_after_one_retry(app):
     assert statuses == [200] * len(bodies), (statuses, [r.text[:200] for r, _ in results if r is not None])
     assert max(retries) <= 1
     print(f"SIGKILL test: {len(bodies)} requests, {sum(retries)} needed one retry, none more; "
-          f"killed at {killed_at - started:.1f} s, load done at {time.monotonic() - started:.1f} s")
+          f"killed at {killed_at - started:.1f} s, load done at {time.monotonic() - started:.1f} s; "
+          f"first answers of the retried: {FIRST_FAILURES}")
     before = {r.json()["replica"] for r, _ in results}
 
     # Serve replaces the replica, and the replacement serves.
