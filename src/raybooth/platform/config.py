@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raybooth.platform.errors import ConfigError
 from raybooth.platform.generation import GENERATION_DEFAULTS
@@ -377,3 +384,12 @@ def with_overrides(config: S, values: dict[str, Any]) -> S:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return validate_config(data, type(config), "overrides")
+
+
+def add_config_arguments(parser: Any, what: str, example: str, required: bool = False) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE` (typed by the schema when loaded with
+    `load_config`): the same two options on every command that reads a config."""
+    parser.add_argument("--config", required=required, default=None,
+                        help=f"{what}{'' if required else '; defaults if absent'}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example}")

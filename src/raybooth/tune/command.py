@@ -9,6 +9,8 @@ import argparse
 import logging
 from typing import Any
 
+from raybooth.platform.config import add_config_arguments
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -20,9 +22,8 @@ def register(subparsers: Any) -> None:
         "tracking.alias and write sweep.json in <storage>/<sweep.name>/. Ray starts with its "
         "dashboard (Tune frees stopped trials' resources through the State API).",
     )
-    p.add_argument("--config", required=True, help="a sweep config (configs/tune/*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the base training config, e.g. --set train.max_steps=100")
+    add_config_arguments(p, "a sweep config (configs/tune/*.yaml); --set overrides its base training config",
+                         "train.max_steps=100", required=True)
     p.add_argument("--resume", action="store_true",
                    help="continue a sweep that stopped (finished trials are not run again)")
     p.add_argument("--num-cpus", type=int, default=None,

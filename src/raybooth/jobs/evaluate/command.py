@@ -7,6 +7,8 @@ import argparse
 import logging
 from typing import Any
 
+from raybooth.platform.config import add_config_arguments
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -18,9 +20,7 @@ def register(subparsers: Any) -> None:
         "the real-vs-real baseline), the images and grid.png into output_dir. Configs: "
         "configs/evaluate/tiny.yaml (seconds on a CPU), configs/evaluate/sd15.yaml.",
     )
-    p.add_argument("--config", default=None, help="an evaluation config (configs/evaluate/*.yaml); defaults if absent")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set evaluation.images_per_prompt=2")
+    add_config_arguments(p, "an evaluation config (configs/evaluate/*.yaml)", "evaluation.images_per_prompt=2")
     p.add_argument("--model", default=None, help="the model to judge: tiny | DIR | org/name | models:/NAME@ALIAS")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder on top of --model")
     p.add_argument("--subject-dir", default=None, help="the subject's own photos (subject.instance_data_dir)")

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from raybooth.jobs.priors.spec import PriorSpec, actor_model_options, build_spec, resolve_inputs, seed_for
+from raybooth.jobs.priors.spec import (
+    PriorSpec,
+    actor_model_options,
+    build_spec,
+    resolve_inputs,
+    seed_for,
+)
 from raybooth.jobs.priors.store import (
     MANIFEST,
     Manifest,
@@ -35,7 +41,7 @@ from raybooth.jobs.priors.store import (
     sha256,
     verify,
 )
-from raybooth.platform.config import TrainConfig
+from raybooth.platform.config import TrainConfig, add_config_arguments
 
 log = logging.getLogger("raybooth.priors")
 
@@ -260,9 +266,7 @@ def register(subparsers: Any) -> None:
         description="Fill <priors.class_data_dir>/<identity>/ with priors.num_class_images images "
         "of subject.class_prompt, using a pool of Ray actors; reuses every image already there.",
     )
-    p.add_argument("--config", default=None, help="a training config (configs/train/*.yaml); defaults if absent")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set priors.num_class_images=200")
+    add_config_arguments(p, "a training config (configs/train/*.yaml)", "priors.num_class_images=200")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_priors)
 

@@ -38,7 +38,7 @@ from raybooth.jobs.train.inputs import (
     worker_resources,
 )
 from raybooth.jobs.train.metrics import ProgressPrinter, step_metrics
-from raybooth.platform.config import TrainConfig
+from raybooth.platform.config import TrainConfig, add_config_arguments
 from raybooth.platform.errors import UserError
 
 log = logging.getLogger("raybooth.train")
@@ -260,9 +260,8 @@ def register(subparsers: Any) -> None:
         "<run.storage_path>/<run.name>/. On a cluster: ray job submit --working-dir . -- "
         "raybooth train --config configs/train/sd15.yaml",
     )
-    p.add_argument("--config", default=None, help="a training config (configs/train/*.yaml); defaults if absent")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=400 --set run.resume_from=latest")
+    add_config_arguments(p, "a training config (configs/train/*.yaml)",
+                         "train.max_steps=400 --set run.resume_from=latest")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
     p.set_defaults(func=cmd_train)
 
