@@ -15,7 +15,11 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     HERE / "priors" / "bench_priors.py",
     HERE / "train" / "bench_train.py",
+    HERE / "train" / "bench_vs_user_loop.py",
     HERE / "serve" / "bench_serve.py",
+    HERE / "serve" / "bench_vs_plain.py",
+    HERE / "evaluate" / "bench_evaluate.py",
+    HERE / "tune" / "bench_tune.py",
     HERE / "startup" / "bench_startup.py",
 ]
 
