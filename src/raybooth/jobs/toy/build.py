@@ -75,6 +75,10 @@ def write_record(cfg: BuildConfig, record: dict) -> None:
         f"Command: `{record['command']}`  ",
         f"Seed: {record['seed']}, build id (weights digest) `{record['build']}`, torch {record['torch']}, "
         f"{record['threads']} thread(s) on {record['machine']}.",
+        f"Wall-clock seconds per stage: {record.get('timings_s')} (2 shared CPU cores).",
+        "",
+        f"VAE reconstruction, as the judge reads it (the ceiling of every score below): "
+        f"{(record.get('vae') or {}).get('reconstruction')}",
         "",
         "Judge accuracy over training (EMA weights, guidance "
         f"{cfg.t2i.guidance_scale}, {cfg.t2i.eval_steps} DDIM steps, {cfg.t2i.eval_captions} held-out captions):",
