@@ -59,9 +59,10 @@ class Report:
         parts = [
             "<!doctype html><meta charset=utf-8><title>raybooth demo</title>",
             "<style>body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-            "figure{display:inline-block;margin:4px;vertical-align:top;width:140px}"
-            "figure img{image-rendering:pixelated;width:128px;border:1px solid #ccc}"
-            "figcaption{font-size:11px;line-height:1.25}.ok{color:#1a7f37}.bad{color:#c62828}"
+            # Images are saved already scaled (whole-pixel factors): shown at their own size.
+            "figure{display:inline-block;margin:4px;vertical-align:top}"
+            "figure img{image-rendering:pixelated;border:1px solid #ccc;display:block}"
+            "figcaption{font-size:11px;line-height:1.25;max-width:132px}.ok{color:#1a7f37}.bad{color:#c62828}"
             "code{background:#f4f4f4;padding:0 .2em}</style>",
             "<h1>raybooth demo</h1>",
             f"<p>{html.escape(note)}</p>",
