@@ -153,7 +153,8 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
     resources = worker_resources(config)
     check_placement(config, resources)
     defaulted = "" if config.scaling.resources_per_worker or config.scaling.use_gpu else (
-        " (an equal share of the CPUs Ray has free; set scaling.resources_per_worker to choose)")
+        " (raybooth's default: an equal share of this machine's free CPUs, 1 on a multi-node "
+        "cluster; set scaling.resources_per_worker to choose)")
     print(f"training: {config.scaling.num_workers} worker(s) x {resources}{defaulted}", flush=True)
     class_set = _class_images(config, progress)
     tracker = _tracker(config, inputs.run_dir)

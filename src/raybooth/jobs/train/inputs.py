@@ -159,7 +159,7 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
     """What one Ray Train worker asks for.
 
     `scaling.resources_per_worker` when set (plus 1 GPU with use_gpu). Else 1 GPU with use_gpu;
-    on CPUs an equal share of the CPUs Ray has free, whole CPUs, at most one node's worth: Ray's
+    on a one-machine Ray an equal share of its free CPUs, whole CPUs (`cpu_share`): Ray's
     own default (1 CPU per worker) would leave half of a 2-core machine idle under one worker,
     and a worker's torch threads follow its CPUs (raybooth.platform.devices.use_assigned_cpus).
     Called once on the driver with Ray up, so every worker and the placement check agree.
@@ -176,12 +176,18 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
 
 
 def cpu_share(num_workers: int) -> int:
-    """Whole CPUs per worker: the free CPUs split evenly, capped by the biggest node, at least 1."""
+    """Whole CPUs per worker on a one-machine Ray: its free CPUs split evenly, at least 1.
+
+    On a cluster of several nodes Ray's own default (1 CPU) stays: a bigger share there could
+    leave the workers unplaceable after a node is lost, when Ray Train restarts them on the
+    nodes that are left (set scaling.resources_per_worker to size them on a cluster)."""
     import ray
 
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0.0) > 0]
+    if len(nodes) != 1:
+        return 1
     free = ray.available_resources().get("CPU", 0.0)
-    biggest = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-    return max(1, int(min(free // num_workers, biggest)))
+    return max(1, int(free // num_workers))
 
 
 def check_placement(config: TrainConfig, resources: dict[str, float] | None = None) -> None:
