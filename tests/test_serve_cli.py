@@ -167,9 +167,14 @@ def test_serve_deploy_local_config_onto_a_ray_start_cluster(tmp_path, tiny_path,
               "--num-cpus", "4", "--include-dashboard=true", "--temp-dir", temp_dir, "--disable-usage-stats"],
              env, timeout=180)
 
-        # configs/serve/local.yaml as it is, on a free port instead of 8000.
+        # configs/serve/local.yaml as it is, on a free port instead of 8000, and with one
+        # text-to-image replica (it starts two on a CPU): which replica answers, and the batches
+        # it forms, are then observable.
         config = yaml.safe_load(LOCAL_CONFIG.read_text())
         config["http_options"]["port"] = http
+        for dep in config["applications"][0]["deployments"]:
+            if dep["name"] == "TextToImage":
+                dep["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=1)
         state = _deploy_and_wait(config, tmp_path, dashboard, env)
         deployments = state["applications"]["raybooth"]["deployments"]
         assert set(deployments) == {"Ingress", "TextToImage", "Inpainting"}
