@@ -144,7 +144,7 @@ def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
     assert len(client.get_metric_history(child.info.run_id, "loss")) == 6
     assert client.get_run(diverging.mlflow_run_id).info.status == "KILLED"
     version = client.get_model_version_by_alias("tune-test-subject", "sweep-best")
-    assert version.version == result.registered_version
+    assert str(version.version) == str(result.registered_version)
     assert version.run_id == best.mlflow_run_id
     assert version.tags["sweep"] == "lr"
     assert version.tags["sweep.trial_id"] == best.trial_id

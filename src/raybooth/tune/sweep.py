@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raybooth.jobs.train.driver import SUMMARY_FILE
 from raybooth.platform.errors import ConfigError, UserError
 from raybooth.platform.paths import write_json_atomic
 from raybooth.tune.config import OBJECTIVE_KEY, LoadedSweep
@@ -35,7 +36,6 @@ SWEEP_FILE = "sweep.json"
 PLOT_FILE = "objective.png"
 TUNE_DIR = "tune"
 TRIAL_CPU = 0.01  # Tune's own share per trial: the TorchTrainer's workers hold the real resources
-SUMMARY_FILE = "summary.json"  # what a finished training run writes (raybooth.jobs.train.driver)
 
 FINISHED, STOPPED, ERRORED, PENDING = "finished", "stopped", "errored", "pending"
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raybooth.jobs.train.driver import SUMMARY_FILE
 from raybooth.platform.config import TrainConfig, with_overrides
 from raybooth.tune.config import OBJECTIVE_KEY, Objective
 
@@ -88,6 +89,19 @@ def run_trial(sampled: dict[str, Any], ctx: SweepContext) -> None:
     config = trial_config(ctx, sampled, trial_id)
     run_dir = Path(config.run.storage_path) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    finished = run_dir / SUMMARY_FILE
+    if finished.is_file():
+        # The trial finished before the sweep's driver died, and Tune had not recorded it yet:
+        # report what it ended with instead of running it again.
+        from raybooth.jobs.train.handoff import TrainingSummary
+
+        summary = TrainingSummary.read(finished)
+        metrics = {"step": summary.steps, **summary.final_metrics}
+        value = ctx.objective.value(metrics)
+        if value is not None:
+            metrics[OBJECTIVE_KEY] = value
+        tune.report(metrics)
+        return
     with open(run_dir / STARTS_FILE, "a") as f:
         f.write(json.dumps({"time": time.time(), "config": sampled}) + "\n")
     ensure_child_run(config, run_dir, parent_run_id=ctx.parent_run_id, sweep=ctx.sweep_name, trial_id=trial_id)
