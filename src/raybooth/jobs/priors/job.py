@@ -3,7 +3,7 @@
     from raybooth.jobs.priors.job import ensure_class_images
     class_set = ensure_class_images(config)   # fills <priors.class_data_dir>/<identity>/
 
-The set is content-addressed (see priors_spec): image i is made from a seed derived from
+The set is content-addressed (see raybooth.jobs.priors.spec): image i is made from a seed derived from
 (priors.seed, i), so it is the same whoever makes it and whenever. A rerun verifies what is
 there against the manifest's checksums and generates only what is missing or corrupt; asking for
 more images adds only the new indices. Actors return PNG bytes and the driver writes them, so the
