@@ -155,9 +155,14 @@ class RunSection(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or "/" in v or v in {".", ".."}:
-            raise ValueError("must be a non-empty name without '/'")
-        return v
+        return folder_name(v)
+
+
+def folder_name(v: str) -> str:
+    """A name that becomes one folder under a storage path (a run, a sweep)."""
+    if not v or "/" in v or v in {".", ".."}:
+        raise ValueError("must be a non-empty name without '/'")
+    return v
 
 
 class TrackingSection(Section):

@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from raybooth.platform.config import (
     Section,
     TrainConfig,
+    folder_name,
     load_config,
     read_yaml_mapping,
     validate_config,
@@ -74,9 +75,7 @@ class SweepSection(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or "/" in v or v in {".", ".."}:
-            raise ValueError("must be a non-empty name without '/'")
-        return v
+        return folder_name(v)
 
 
 class SweepTracking(Section):
