@@ -199,3 +199,26 @@ def test_resume_after_driver_killed(tmp_path, no_ray, raybooth_home):
         [MlflowClient().get_run(parent_before).info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_before}'")
     assert len(children) == 2
+
+
+@pytest.mark.parametrize("ended_as, decided, expected", [
+    ("RUNNING", "KILLED", "KILLED"),    # the stopped trial's actor was killed before it ended its run
+    ("FAILED", "KILLED", "KILLED"),     # the stop reached the training job as an exception first
+    ("FINISHED", "KILLED", "FINISHED"),  # it finished before the stop: left alone
+    ("RUNNING", "FAILED", "FAILED"),    # an errored trial
+    ("FINISHED", "FAILED", "FINISHED"),
+])
+def test_driver_ends_a_trial_run_with_what_tune_decided(tmp_path, ended_as, decided, expected):
+    """Which of RUNNING / FAILED a run that ASHA stopped is left in is a race inside Ray; the
+    sweep's driver makes the MLflow run say what Tune decided either way."""
+    import mlflow
+
+    from raybooth.tune.tracking import close_child_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("trial-status"))
+    if ended_as != "RUNNING":
+        client.set_terminated(run.info.run_id, ended_as)
+    close_child_run(uri, run.info.run_id, decided)
+    assert client.get_run(run.info.run_id).info.status == expected

@@ -79,12 +79,16 @@ def ensure_child_run(config: TrainConfig, run_dir: Path, *, parent_run_id: str |
 
 
 def close_child_run(tracking_uri: str | None, run_id: str | None, status: str) -> None:
-    """A trial that Tune stopped (ASHA) never ends its own run: end it from the driver."""
+    """End a trial's run from the driver with what Tune decided. A trial that Tune stopped (ASHA)
+    may never end its own run (its actor was killed: still RUNNING) or end it FAILED (the stop
+    reached the training job as an exception first) - which of the two is a race, so both become
+    KILLED. A run that FINISHED is left alone."""
     if not run_id:
         return
     try:
         client = client_for(resolve_tracking_uri(tracking_uri))
-        if client.get_run(run_id).info.status == "RUNNING":
+        current = client.get_run(run_id).info.status
+        if current == "RUNNING" or (status == "KILLED" and current == "FAILED"):
             client.set_terminated(run_id, status)
     except Exception as exc:
         log.warning("could not end trial run %s: %s", run_id, exc)
