@@ -188,6 +188,31 @@ def test_worker_killed_mid_run_resumes_exactly(reference, class_dir, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_a_diverging_run_stops_at_the_nan_and_exits_2(ray_up, tmp_path, capsys):
+    """A learning rate that blows the weights up: the workers stop at the first NaN loss instead
+    of training on (or being restarted by Ray Train to diverge again), nothing is exported, and
+    the CLI says which step and which setting, with exit 2."""
+    from raybooth.cli import main
+
+    config = small_config(tmp_path, "diverging", **{
+        "train.learning_rate": 1e30, "train.max_steps": 12, "train.checkpoint_every": 4, "run.max_failures": 1})
+    path = tmp_path / "diverging.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "train.learning_rate" in err
+
+    run_dir = tmp_path / "diverging"
+    records = read_records(run_dir)
+    diverged = [r for r in records if r.get("event") == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["step"] < 12
+    assert f"at step {diverged[0]['step']}" in err
+    assert [r["event"] for r in records if r.get("event") == "started"] == ["started"]  # not retried
+    assert max(step_metrics(run_dir)) == diverged[0]["step"]  # no step after it
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "model").exists() and not (run_dir / "lora").exists()
+
+
+@pytest.mark.timeout(300)
 def test_cli_continues_a_stopped_run_from_latest(reference, tmp_path, capsys):
     """Runs last in this module: it extends the reference run in place."""
     from raybooth.cli import main

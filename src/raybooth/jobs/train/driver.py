@@ -37,7 +37,7 @@ from raybooth.jobs.train.inputs import (
     check_resume,
     worker_resources,
 )
-from raybooth.jobs.train.metrics import ProgressPrinter, step_metrics
+from raybooth.jobs.train.metrics import ProgressPrinter, divergence, step_metrics
 from raybooth.platform.config import TrainConfig, add_config_arguments
 from raybooth.platform.errors import UserError
 
@@ -48,6 +48,21 @@ SUMMARY_FILE = "summary.json"
 
 class TrainingFailed(RuntimeError):
     """Training stopped after its retries; the run directory keeps its checkpoints."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: a setting (most often the learning rate) to change."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, event: dict[str, Any]):
+        t = config.train
+        super().__init__(
+            f"training diverged: the loss was {event['loss']} at step {event['step']} "
+            f"(train.learning_rate {t.learning_rate:g}, train.mixed_precision '{t.mixed_precision}'). "
+            "Lower train.learning_rate (with fp16, also try bf16 or 'no') and train again; "
+            f"the checkpoints from before it are kept in {run_dir}",
+            field="train.learning_rate",
+        )
+        self.step = int(event["step"])
 
 
 def _ensure_ray() -> None:
@@ -198,6 +213,9 @@ def run_training(config: TrainConfig, *, progress: bool = True, callbacks: list 
                     "run.resume_from=latest once the cause is fixed"
                 ) from exc
             train_s = time.perf_counter() - t0
+            diverged = divergence(inputs.run_dir)
+            if diverged is not None:
+                raise TrainingDiverged(config, inputs.run_dir, diverged)
             if result.checkpoint is None:
                 raise TrainingFailed(f"training finished without a checkpoint in {inputs.run_dir}")
             final_checkpoint = Path(result.checkpoint.path)

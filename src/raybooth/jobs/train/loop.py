@@ -12,10 +12,14 @@ checkpoint to resume from (if any) and the MLflow run to log into. Each worker t
   6. every `log_every` steps averages the losses over workers; rank 0 writes them to
      metrics.jsonl and MLflow; at validation steps rank 0 draws a grid of validation images,
   7. every `checkpoint_every` steps (and at the end) all workers report a checkpoint.
+
+A loss that turns NaN or infinite ends the loop at the next sync (a `diverged` event in
+metrics.jsonl, no checkpoint of the broken weights); the driver turns it into a user error.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import shutil
@@ -49,7 +53,7 @@ from raybooth.jobs.train.data import (
 from raybooth.jobs.train.handoff import WorkerJob
 from raybooth.jobs.train.loss import dreambooth_loss, noisy_batch
 from raybooth.jobs.train.metrics import METRIC_KEYS as METRIC_NAMES
-from raybooth.jobs.train.metrics import MetricsLog
+from raybooth.jobs.train.metrics import DIVERGED_EVENT, MetricsLog
 from raybooth.jobs.train.model import (
     MIXED_PRECISION_DTYPES,
     load_train_models,
@@ -214,6 +218,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ]
             if log is not None:
                 log.write(records)
+            diverged = first_non_finite(records)
+            if diverged is not None:
+                # Every rank sees the same reduced losses, so all stop here together. Stopping
+                # (not raising) keeps Ray Train from retrying: a restart from the last checkpoint
+                # would diverge again at the same step. The driver reads the event and explains.
+                if log is not None:
+                    log.event(DIVERGED_EVENT, step=diverged["step"], loss=diverged["loss"], lr=diverged["lr"])
+                if tracker is not None:
+                    tracker.flush()
+                return
             if tracker is not None:
                 for r in records:
                     tracker.log_metrics({k: float(r[k]) for k in METRIC_NAMES}, step=r["step"])
@@ -245,6 +259,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.flush()
     if log is not None:
         log.event("finished", step=t.max_steps)
+
+
+def first_non_finite(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first step whose loss is NaN or infinite (the run has diverged), or None."""
+    for r in records:
+        if not all(math.isfinite(r[k]) for k in ("loss", "instance_loss", "prior_loss")):
+            return r
+    return None
 
 
 class LossWindow:

@@ -22,6 +22,12 @@ METRIC_KEYS = (
 )
 
 
+# Events the rank-0 worker writes between step records; the last of these tells how the most
+# recent attempt of the run ended (a resumed run starts with `resumed`/`started` again).
+STARTED_EVENTS = ("started", "resumed")
+DIVERGED_EVENT = "diverged"
+
+
 class MetricsLog:
     """Appends records to <run_dir>/metrics.jsonl (rank 0 only)."""
 
@@ -61,6 +67,15 @@ def step_metrics(run_dir: str | Path) -> dict[int, dict[str, Any]]:
         if "event" not in record and "step" in record:
             steps[int(record["step"])] = record
     return dict(sorted(steps.items()))
+
+
+def divergence(run_dir: str | Path) -> dict[str, Any] | None:
+    """The `diverged` event of the run's latest attempt (None when it did not diverge)."""
+    latest = None
+    for record in read_records(run_dir):
+        if record.get("event") in (*STARTED_EVENTS, DIVERGED_EVENT):
+            latest = record
+    return latest if latest is not None and latest["event"] == DIVERGED_EVENT else None
 
 
 class ProgressPrinter:
