@@ -127,3 +127,41 @@ def test_evaluation_every_reaches_ray_train_reports(ray_local, tmp_path):
 
     final = EvaluationReport.read(summary.run_dir / "evaluation" / "evaluation.json")
     assert seen[1]["eval/clip_t"] == pytest.approx(final.metrics["clip_t"].mean, abs=1e-3)
+
+
+@pytest.mark.timeout(300)
+def test_live_evaluation_of_a_toy_model_reports_the_toy_judge():
+    """What a CPU sweep of the toy world optimises (configs/tune/tiny.yaml): the live evaluator
+    adds the toy judge's scores. The untrained toy base model follows the prompts' backgrounds and
+    does not yet draw the subject, and the numbers say so."""
+    import torch
+
+    from raybooth.jobs.evaluate.live import live_evaluator
+    from raybooth.jobs.train.model import load_train_models
+    from raybooth.platform.images import list_images
+    from raybooth.platform.models import resolve_model
+
+    toy_subject = REPO / "examples" / "toy-subject"
+    config = TrainConfig.model_validate({
+        "model": "toy",
+        "subject": {"instance_data_dir": str(toy_subject), "identifier": "sks",
+                    "instance_prompt": "a sks circle", "class_prompt": "a circle"},
+        "train": {"resolution": 32, "checkpoint_every": 1},
+        "evaluation": {"prompt_set": "toy", "images_per_prompt": 1, "dino_encoder": "tiny-dino",
+                       "clip_encoder": "tiny-clip", "steps": 25, "guidance_scale": 4.0, "every": 1},
+    })
+    device = torch.device("cpu")
+    models = load_train_models(config, resolve_model("toy"), device)
+    images = {str(p): p.read_bytes() for p in list_images(toy_subject, "instance")}
+    evaluator = live_evaluator(config, images, device)
+    assert evaluator is not None and evaluator.toy
+    scores = evaluator.evaluate(models.unet, models.vae, models.text_encoder, models.tokenizer,
+                                models.noise_scheduler.config, None)
+    assert {"eval/dino", "eval/clip_i", "eval/clip_t", "eval/toy_subject", "eval/toy_prompt"} == set(scores)
+    assert scores["eval/toy_prompt"] >= 0.8, scores  # the backgrounds asked for
+    assert scores["eval/toy_subject"] <= 0.3, scores  # no split circle before DreamBooth
+
+    # Not toy-based (the tiny model, the paper's prompts): no toy scores.
+    plain = config.model_copy(update={"model": "tiny", "evaluation": config.evaluation.model_copy(
+        update={"prompt_set": "object"})})
+    assert not live_evaluator(plain, images, device).toy

@@ -1,8 +1,10 @@
 """`raybooth tune` on the tiny model (CPU): a real Ray (with its dashboard) and a real Tune sweep.
 
 - A bad space key (or a value of the wrong type) is refused before Ray starts.
-- 4 trials, 2 at a time, one with a diverging learning rate: ASHA stops that one at its first
-  report (fewer iterations than the others); sweep.json lists every trial; MLflow has the sweep's
+- 5 trials, 2 at a time, one with a diverging learning rate: ASHA stops that one at its first
+  report (fewer iterations than the others); one whose loss turns NaN errors (the sweep goes on);
+  one has its Ray Train worker killed mid-trial and continues from its checkpoint, within the same
+  trial; sweep.json lists every trial; MLflow has the sweep's
   parent run with one nested child per trial; the best trial is registered under `sweep-best` with
   tags linking the sweep and the trial; the plot exists.
 - The driver (`raybooth tune` in a subprocess) is SIGKILLed mid-sweep; `--resume` finishes it
@@ -25,12 +27,14 @@ from _train_support import DEMO_SUBJECT
 
 from raybooth.platform.errors import ConfigError
 from raybooth.tune.config import load_sweep
-from raybooth.tune.sweep import FINISHED, STOPPED, SweepResult, run_sweep
+from raybooth.tune.sweep import ERRORED, FINISHED, STOPPED, SweepResult, run_sweep
 from raybooth.tune.trial import STARTS_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-DIVERGING_LR = 50.0
+DIVERGING_LR = 50.0  # a loss that climbs: ASHA stops the trial
+NAN_LR = 1e30  # weights blown up at once: the loss is NaN before the first report, the trial errors
+KILLED_LR = 1e-4  # the trial whose Ray Train worker is SIGKILLed after its first checkpoint
 
 
 def _base(tmp: Path) -> Path:
@@ -43,7 +47,7 @@ def _base(tmp: Path) -> Path:
         "train": {"resolution": 32, "batch_size": 1, "max_steps": 6, "checkpoint_every": 2,
                   "keep_checkpoints": 1, "log_every": 1, "validation_prompts": [],
                   "train_text_encoder": False},
-        "run": {"storage_path": str(tmp / "runs"), "max_failures": 0},
+        "run": {"storage_path": str(tmp / "runs"), "max_failures": 1},
         "tracking": {"enabled": True, "experiment": "tune-test", "register_as": "tune-test-subject"},
     }))
     return path
@@ -107,26 +111,89 @@ def test_shipped_sweep_configs_load():
         assert loaded.num_trials >= 4
 
 
+class TrialWorkerKiller:
+    """SIGKILLs the rank-0 Ray Train worker of the trial sampled with `lr`, once that trial has a
+    registered checkpoint and has trained past it (what a node or OOM kill does to a trial)."""
+
+    def __init__(self, sweep_dir: Path, lr: float):
+        import threading
+
+        self.trials, self.lr, self.killed = sweep_dir / "trials", lr, {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _trial_dir(self) -> Path | None:
+        for starts in self.trials.glob(f"*/{STARTS_FILE}"):
+            lines = starts.read_text().splitlines()
+            if lines and json.loads(lines[0])["config"]["train.learning_rate"] == self.lr:
+                return starts.parent
+        return None
+
+    def _loop(self) -> None:
+        from _train_support import registered_checkpoint
+
+        from raybooth.jobs.train.metrics import step_metrics
+
+        deadline = time.monotonic() + 600
+        while not self.done.is_set() and time.monotonic() < deadline:
+            run_dir = self._trial_dir()
+            if run_dir is not None and registered_checkpoint(run_dir):
+                steps = step_metrics(run_dir)
+                if steps and max(steps) >= 3:
+                    info = json.loads((run_dir / "workers" / "rank-0.json").read_text())
+                    self.killed.update(info, at_step=max(steps), run_dir=run_dir)
+                    os.kill(info["pid"], signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(5)
+
+
 @pytest.mark.timeout(900)
 def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
-    loaded = load_sweep(_sweep(tmp_path, "lr", {"train.learning_rate": {"grid": [1e-4, 2e-4, 3e-4, DIVERGING_LR]}}))
+    grid = [KILLED_LR, 2e-4, 3e-4, DIVERGING_LR, NAN_LR]
+    loaded = load_sweep(_sweep(tmp_path, "lr", {"train.learning_rate": {"grid": grid}}))
     t0 = time.perf_counter()
-    result = run_sweep(loaded, num_cpus=4)
-    print(f"sweep of 4 trials: {time.perf_counter() - t0:.1f} s")
+    with TrialWorkerKiller(tmp_path / "runs" / "sweeps" / "lr", KILLED_LR) as killer:
+        result = run_sweep(loaded, num_cpus=4)
+    print(f"sweep of {len(grid)} trials: {time.perf_counter() - t0:.1f} s")
     again = SweepResult.read(result.sweep_dir / "sweep.json")
     assert again == result
-    assert len(result.trials) == 4
+    assert len(result.trials) == len(grid)
     by_lr = {t.config["train.learning_rate"]: t for t in result.trials}
     diverging = by_lr[DIVERGING_LR]
-    others = [t for lr, t in by_lr.items() if lr != DIVERGING_LR]
+    others = [by_lr[lr] for lr in (KILLED_LR, 2e-4, 3e-4)]
     # ASHA cut the diverging trial at its first rung; the best ran all 3 reports.
     assert diverging.status == STOPPED, result.to_json()
     assert diverging.iterations == 1
     assert diverging.iterations < max(t.iterations for t in others)
     best = result.best
     assert best is not None and best.status == FINISHED and best.iterations == 3
-    assert best.config["train.learning_rate"] != DIVERGING_LR
+    assert best.config["train.learning_rate"] not in (DIVERGING_LR, NAN_LR)
     assert result.plot is not None and result.plot.is_file()
+
+    # The NaN trial errored with the reason, and the sweep went on.
+    nan = by_lr[NAN_LR]
+    assert nan.status == ERRORED and nan.iterations == 0
+    assert nan.error.startswith("training diverged: the loss was nan"), nan.error
+
+    # The killed worker: Ray Train restarted it inside the same trial, from the checkpoint.
+    assert killer.killed, "no worker was killed"
+    killed = by_lr[KILLED_LR]
+    assert killed.status == FINISHED and killed.run_dir.resolve() == killer.killed["run_dir"].resolve()
+    assert _starts(killed.run_dir) == 1  # one start of the trial: the restart was Ray Train's
+    from raybooth.jobs.train.metrics import read_records
+
+    resumed = [r for r in read_records(killed.run_dir) if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and 2 <= resumed[0]["step"] <= killer.killed["at_step"]
+    restarted = json.loads((killed.run_dir / "workers" / "rank-0.json").read_text())
+    assert restarted["pid"] != killer.killed["pid"]
 
     # MLflow: the parent, one nested child per trial (the trial's training run), the best registered.
     from mlflow import MlflowClient
@@ -141,8 +208,9 @@ def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
     assert {c.info.run_id for c in children} == {t.mlflow_run_id for t in result.trials}
     child = client.get_run(best.mlflow_run_id)
     assert float(child.data.params["train.learning_rate"]) == best.config["train.learning_rate"]
-    assert len(client.get_metric_history(child.info.run_id, "loss")) == 6
+    assert {m.step for m in client.get_metric_history(child.info.run_id, "loss")} == set(range(1, 7))
     assert client.get_run(diverging.mlflow_run_id).info.status == "KILLED"
+    assert client.get_run(nan.mlflow_run_id).info.status == "FAILED"
     version = client.get_model_version_by_alias("tune-test-subject", "sweep-best")
     assert str(version.version) == str(result.registered_version)
     assert version.run_id == best.mlflow_run_id

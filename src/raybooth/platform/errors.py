@@ -26,3 +26,14 @@ class ImageError(UserError):
 
 class ModelError(UserError):
     """A model reference cannot be resolved or loaded."""
+
+
+def find_user_error(exc: BaseException | None) -> UserError | None:
+    """The UserError behind an exception that crossed a Ray boundary (RayTaskError keeps the
+    original as `cause`; Python's chain as `__cause__`), or None when no user error is why."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return None

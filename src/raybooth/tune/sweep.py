@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from raybooth.jobs.train.driver import SUMMARY_FILE
-from raybooth.platform.errors import ConfigError, UserError
+from raybooth.platform.errors import ConfigError, UserError, find_user_error
 from raybooth.platform.paths import write_json_atomic
 from raybooth.tune.config import OBJECTIVE_KEY, LoadedSweep
 from raybooth.tune.trial import TRIALS_DIR, SweepContext, run_trial, trial_config
@@ -305,9 +305,19 @@ def _records(loaded: LoadedSweep, sweep_dir: Path, grid) -> list[TrialRecord]:
             iterations=int(metrics.get("training_iteration") or 0),
             final_objective=values[-1] if values else None, best_objective=best,
             mlflow_run_id=record.run_id if record else None, run_dir=run_dir,
-            error=None if result.error is None else str(result.error).splitlines()[0][:500],
+            error=None if result.error is None else _error_line(result.error),
         ))
     return sorted(out, key=lambda t: t.trial_id)
+
+
+def _error_line(error: BaseException) -> str:
+    """Why a trial errored, in one line: the user error behind it (e.g. training diverged), else
+    the last line of Ray's report (the exception itself; the first line is only the actor)."""
+    found = find_user_error(error)
+    if found is not None:
+        return found.message[:500]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 def _pick_best(loaded: LoadedSweep, trials: list[TrialRecord]) -> TrialRecord | None:

@@ -6,20 +6,24 @@ Runs on the live modules (no copy of the weights), in eval mode, inside `torch.r
 with generators of its own, so it never changes what training does next (as validation does).
 The encoders and the real photos' embeddings are loaded once per worker. The numbers are the same
 definitions as `raybooth evaluate` (raybooth.jobs.evaluate.metrics), means only: the bootstrap and
-the report are for the end-of-training evaluation of the exported model.
+the report are for the end-of-training evaluation of the exported model. A toy-based model also
+reports the toy judge's `eval/toy_subject` and `eval/toy_prompt` (raybooth.jobs.evaluate.toy_scores).
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from raybooth.jobs.evaluate import metrics as M
 from raybooth.jobs.evaluate.encoders import CLIP, DINO, load_encoder, resolve_encoder
 from raybooth.jobs.evaluate.prompts import build_prompts
 from raybooth.jobs.evaluate.report import CLIP_I, CLIP_T
+from raybooth.jobs.evaluate.toy_scores import is_toy_model
 from raybooth.jobs.evaluate.training import METRIC_PREFIX
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.images import open_image
@@ -40,6 +44,10 @@ class LiveEvaluator:
         reals = [open_image(io.BytesIO(data), name=name) for name, data in instance_images.items()]
         self.real_dino = self.dino.embed_images(reals)
         self.real_clip = self.clip.embed_images(reals)
+        # A toy-based model: the toy judge's scores too, the objective a CPU sweep can trust.
+        model = Path(config.model).expanduser()
+        self.toy = is_toy_model("toy" if config.model.strip() == "toy" else None,
+                                model if model.is_dir() else None, ev.prompt_set, ev.prompts is not None)
 
     @torch.no_grad()
     def evaluate(self, unet, vae, text_encoder, tokenizer, scheduler_config, autocast_dtype) -> dict[str, float]:
@@ -78,11 +86,27 @@ class LiveEvaluator:
                 m.train(training)
         gen_clip = self.clip.embed_images(images)
         texts = self.clip.embed_texts([p.class_prompt for p, _ in flat])
-        return {
+        out = {
             f"{METRIC_PREFIX}dino": M.dino_score(self.dino.embed_images(images), self.real_dino),
             f"{METRIC_PREFIX}{CLIP_I}": M.clip_i_score(gen_clip, self.real_clip),
             f"{METRIC_PREFIX}{CLIP_T}": M.clip_t_score(gen_clip, texts),
         }
+        if self.toy:
+            out.update(self._toy_scores(images, flat))
+        return out
+
+    def _toy_scores(self, images: list[Any], flat: list[Any]) -> dict[str, float]:
+        """Means of the toy judge's per-image scores (raybooth.jobs.evaluate.toy_scores)."""
+        from raybooth.jobs.evaluate import toy_scores as T
+        from raybooth.platform.images import png_bytes
+
+        subject, prompt, _ = T.score_images([png_bytes(im) for im in images], [p.prompt for p, _ in flat],
+                                            [p.class_prompt for p, _ in flat], self.config.subject.identifier)
+        out = {f"{METRIC_PREFIX}{T.TOY_SUBJECT}": float(np.mean(subject))}
+        known = prompt[~np.isnan(prompt)]
+        if known.size:
+            out[f"{METRIC_PREFIX}{T.TOY_PROMPT}"] = float(np.mean(known))
+        return out
 
 
 def live_evaluator(config: TrainConfig, instance_images: dict[str, bytes], device: torch.device) -> LiveEvaluator | None:

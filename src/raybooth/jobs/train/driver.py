@@ -39,7 +39,7 @@ from raybooth.jobs.train.inputs import (
 )
 from raybooth.jobs.train.metrics import ProgressPrinter, divergence, step_metrics
 from raybooth.platform.config import TrainConfig, add_config_arguments
-from raybooth.platform.errors import UserError
+from raybooth.platform.errors import UserError, find_user_error
 
 log = logging.getLogger("raybooth.train")
 
@@ -111,13 +111,10 @@ def worker_config(config: TrainConfig, inputs: TrainInputs) -> TrainConfig:
 
 def _unwrap_user_error(exc: BaseException) -> UserError | None:
     """A UserError raised inside a worker (e.g. 8-bit Adam without bitsandbytes), if that is why."""
-    failures = getattr(exc, "worker_failures", None) or {}
-    for failure in failures.values():
-        seen = failure
-        while seen is not None:
-            if isinstance(seen, UserError):
-                return seen
-            seen = seen.__cause__ or getattr(seen, "cause", None)
+    for failure in (getattr(exc, "worker_failures", None) or {}).values():
+        found = find_user_error(failure)
+        if found is not None:
+            return found
     return None
 
 

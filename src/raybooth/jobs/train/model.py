@@ -154,7 +154,15 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
                 field="train.use_8bit_adam",
             ) from None
         return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.adam_weight_decay)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.adam_weight_decay)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.adam_weight_decay,
+                             fused=True if fused_adam_applies(params) else None)
+
+
+def fused_adam_applies(params: list[torch.nn.Parameter]) -> bool:
+    """torch's fused AdamW (one kernel for every tensor) where it runs: floating-point params on
+    CPU or CUDA. torch's default on CPU is a Python loop over the tensors, which on a small UNet
+    costs more than its forward pass (benchmarks/train/vs-user)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
