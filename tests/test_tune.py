@@ -104,11 +104,29 @@ def test_bad_space_refused_before_ray(tmp_path, key, spec, words):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("metric, words", [
+    ("eval/toy_subject", ["eval/toy_subject", "toy-based", "'tiny'"]),
+    ("eval/clip_i + eval/dinoo", ["eval/dinoo", "eval/dino, eval/toy_prompt"]),
+])
+def test_objective_names_a_metric_evaluation_reports(tmp_path, metric, words):
+    path = _sweep(tmp_path, "bad-objective", {"train.learning_rate": {"grid": [1e-4]}},
+                  objective={"metric": metric, "mode": "max"},
+                  set={"train.checkpoint_every": 2, "evaluation.every": 2})
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+@pytest.mark.timeout(30)
 def test_shipped_sweep_configs_load():
     repo = Path(__file__).resolve().parents[1]
     for name in ("tiny.yaml", "sd15-lora.yaml"):
         loaded = load_sweep(repo / "configs" / "tune" / name)
         assert loaded.num_trials >= 4
+    # The CPU sweep optimises what the toy judge sees, not the training loss.
+    assert load_sweep(repo / "configs" / "tune" / "tiny.yaml").objective.metrics == [
+        "eval/toy_subject", "eval/toy_prompt"]
 
 
 class TrialWorkerKiller:

@@ -386,7 +386,9 @@ def with_overrides(config: S, values: dict[str, Any]) -> S:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an optional section not set yet (e.g. evaluation)
+                node[part] = {}
+            node = node[part]
         node[parts[-1]] = value
     return validate_config(data, type(config), "overrides")
 

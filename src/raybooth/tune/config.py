@@ -228,4 +228,27 @@ def check_sweep(config: SweepConfig, source: str, overrides: list[str] | None = 
             "training reports only with evaluation during training: give the base config an "
             "evaluation: section with evaluation.every (a multiple of train.checkpoint_every), "
             "e.g. set: {evaluation.every: 100}", field="objective.metric")
+    _check_evaluated_names(source, config.objective.metric, evaluated, base)
     return LoadedSweep(source=source, config=config, base=base, dims=dims, objective=objective)
+
+
+def _check_evaluated_names(source: str, metric: str, evaluated: list[str], base: TrainConfig) -> None:
+    """eval/* terms must be what evaluation during training reports for this base config."""
+    from raybooth.jobs.evaluate.toy_scores import TOY_PROMPT, TOY_SUBJECT, training_is_toy_based
+
+    paper, toy = {"eval/dino", "eval/clip_i", "eval/clip_t"}, {f"eval/{TOY_SUBJECT}", f"eval/{TOY_PROMPT}"}
+    for name in evaluated:
+        if name in paper:
+            continue
+        if name in toy:
+            ev = base.evaluation
+            if not training_is_toy_based(base.model, ev.prompt_set, ev.prompts is not None):
+                raise ConfigError(
+                    f"{source}: objective.metric {metric!r} uses {name}, the toy judge's score, which "
+                    f"only a toy-based model reports (model: toy, or evaluation.prompt_set: toy); "
+                    f"the base model is {base.model!r}: use eval/dino, eval/clip_i or eval/clip_t",
+                    field="objective.metric")
+            continue
+        raise ConfigError(
+            f"{source}: objective.metric {metric!r} uses {name}, which evaluation does not report; "
+            f"the evaluation metrics are {', '.join(sorted(paper | toy))}", field="objective.metric")

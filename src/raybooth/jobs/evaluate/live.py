@@ -13,7 +13,6 @@ reports the toy judge's `eval/toy_subject` and `eval/toy_prompt` (raybooth.jobs.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from raybooth.jobs.evaluate import metrics as M
 from raybooth.jobs.evaluate.encoders import CLIP, DINO, load_encoder, resolve_encoder
 from raybooth.jobs.evaluate.prompts import build_prompts
 from raybooth.jobs.evaluate.report import CLIP_I, CLIP_T
-from raybooth.jobs.evaluate.toy_scores import is_toy_model
+from raybooth.jobs.evaluate.toy_scores import training_is_toy_based
 from raybooth.jobs.evaluate.training import METRIC_PREFIX
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.images import open_image
@@ -45,9 +44,7 @@ class LiveEvaluator:
         self.real_dino = self.dino.embed_images(reals)
         self.real_clip = self.clip.embed_images(reals)
         # A toy-based model: the toy judge's scores too, the objective a CPU sweep can trust.
-        model = Path(config.model).expanduser()
-        self.toy = is_toy_model("toy" if config.model.strip() == "toy" else None,
-                                model if model.is_dir() else None, ev.prompt_set, ev.prompts is not None)
+        self.toy = training_is_toy_based(config.model, ev.prompt_set, ev.prompts is not None)
 
     @torch.no_grad()
     def evaluate(self, unet, vae, text_encoder, tokenizer, scheduler_config, autocast_dtype) -> dict[str, float]:

@@ -33,6 +33,14 @@ def is_toy_model(kind: str | None, path: str | Path | None, prompt_set: str | No
     return not custom_prompts and (prompt_set or "").strip().lower() == "toy"
 
 
+def training_is_toy_based(model: str, prompt_set: str | None, custom_prompts: bool) -> bool:
+    """The same question for a training config's `model` (a name or a folder) and its
+    evaluation section: does evaluation during training add the toy judge's scores?"""
+    folder = Path(model).expanduser()
+    return is_toy_model("toy" if model.strip() == "toy" else None, folder if folder.is_dir() else None,
+                        prompt_set, custom_prompts)
+
+
 def requested(class_prompt: str) -> dict[str, str]:
     """What a toy prompt asks for: {'background': …, 'colour': …, 'shape': …} (those it names)."""
     from raybooth.platform.toy.world import COLOURS, SHAPES
