@@ -270,3 +270,37 @@ def test_existing_checkpoints_need_an_explicit_resume(tmp_path):
     elsewhere = with_overrides(config, {"run.name": "other", "run.resume_from": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="not a complete"):
         check_resume(elsewhere, check_inputs(elsewhere))
+
+
+def test_divergence_is_read_from_the_latest_attempt_and_its_error_survives_pickling(tmp_path):
+    """The worker's `diverged` event is what the driver turns into the user error; the error
+    then crosses Ray's process boundaries (a Tune trial) by pickle, with its message and field."""
+    import pickle
+
+    from raybooth.jobs.train.driver import TrainingDiverged
+    from raybooth.jobs.train.loop import first_non_finite
+    from raybooth.jobs.train.metrics import MetricsLog, divergence
+    from raybooth.platform.config import TrainConfig
+    from raybooth.platform.errors import find_user_error
+
+    rows = [{"step": 1, "loss": 1.0, "instance_loss": 0.5, "prior_loss": 0.5},
+            {"step": 2, "loss": float("nan"), "instance_loss": float("nan"), "prior_loss": 0.1}]
+    assert first_non_finite(rows[:1]) is None and first_non_finite(rows)["step"] == 2
+    assert first_non_finite([{**rows[0], "prior_loss": float("inf")}])["step"] == 1
+
+    log = MetricsLog(tmp_path)
+    log.event("started", step=0)
+    assert divergence(tmp_path) is None
+    log.event("diverged", step=2, loss=float("nan"), lr=50.0)
+    event = divergence(tmp_path)
+    assert event["step"] == 2
+    error = TrainingDiverged(TrainConfig(), tmp_path, event)
+    assert "at step 2" in error.message and error.field == "train.learning_rate"
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is TrainingDiverged and again.message == error.message
+    assert again.field == error.field and again.step == 2
+    wrapped = RuntimeError("trial failed")
+    wrapped.__cause__ = again
+    assert find_user_error(wrapped) is again
+    log.event("resumed", step=0)  # a later attempt that has not diverged (yet)
+    assert divergence(tmp_path) is None

@@ -32,9 +32,9 @@ from raybooth.tune.trial import STARTS_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-DIVERGING_LR = 50.0  # a loss that climbs: ASHA stops the trial
+DIVERGING_LR = 0.5  # a loss that climbs (to ~100) but stays finite: ASHA stops the trial
 NAN_LR = 1e30  # weights blown up at once: the loss is NaN before the first report, the trial errors
-KILLED_LR = 1e-4  # the trial whose Ray Train worker is SIGKILLed after its first checkpoint
+KILLED_LR = 3e-4  # the best of the grid (ASHA keeps it), whose Ray Train worker is SIGKILLed mid-trial
 
 
 def _base(tmp: Path) -> Path:
@@ -157,7 +157,7 @@ class TrialWorkerKiller:
             run_dir = self._trial_dir()
             if run_dir is not None and registered_checkpoint(run_dir):
                 steps = step_metrics(run_dir)
-                if steps and max(steps) >= 3:
+                if steps and 3 <= max(steps) < 6:  # past a checkpoint, before the last step
                     info = json.loads((run_dir / "workers" / "rank-0.json").read_text())
                     self.killed.update(info, at_step=max(steps), run_dir=run_dir)
                     os.kill(info["pid"], signal.SIGKILL)
@@ -175,7 +175,7 @@ class TrialWorkerKiller:
 
 @pytest.mark.timeout(900)
 def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
-    grid = [KILLED_LR, 2e-4, 3e-4, DIVERGING_LR, NAN_LR]
+    grid = [1e-4, 2e-4, KILLED_LR, DIVERGING_LR, NAN_LR]  # in this order: 2 at a time
     loaded = load_sweep(_sweep(tmp_path, "lr", {"train.learning_rate": {"grid": grid}}))
     t0 = time.perf_counter()
     with TrialWorkerKiller(tmp_path / "runs" / "sweeps" / "lr", KILLED_LR) as killer:
@@ -186,7 +186,7 @@ def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
     assert len(result.trials) == len(grid)
     by_lr = {t.config["train.learning_rate"]: t for t in result.trials}
     diverging = by_lr[DIVERGING_LR]
-    others = [by_lr[lr] for lr in (KILLED_LR, 2e-4, 3e-4)]
+    others = [by_lr[lr] for lr in (1e-4, 2e-4, KILLED_LR)]
     # ASHA cut the diverging trial at its first rung; the best ran all 3 reports.
     assert diverging.status == STOPPED, result.to_json()
     assert diverging.iterations == 1

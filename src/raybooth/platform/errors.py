@@ -15,6 +15,18 @@ class UserError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):
+        # Errors cross process boundaries (a Ray Train worker, a Tune trial, the Serve replica):
+        # rebuild from message, field and attributes, whatever a subclass's __init__ takes.
+        return _restore_user_error, (type(self), self.message, self.field, dict(self.__dict__))
+
+
+def _restore_user_error(cls: type, message: str, field: str | None, state: dict) -> "UserError":
+    error = cls.__new__(cls)
+    UserError.__init__(error, message, field=field)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(UserError):
     """A configuration file or `--set` override is wrong."""
