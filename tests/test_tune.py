@@ -118,6 +118,39 @@ def test_objective_names_a_metric_evaluation_reports(tmp_path, metric, words):
         assert w in str(err.value), str(err.value)
 
 
+@pytest.mark.timeout(60)
+def test_optuna_search_suggests_seeded_values_inside_the_space_and_refuses_grids(tmp_path):
+    """`search.algorithm: optuna`: Ray Tune's OptunaSearch (TPE) behind a concurrency limit, fed
+    the objective of finished trials; the same seed suggests the same values."""
+    from raybooth.tune.config import OBJECTIVE_KEY
+    from raybooth.tune.space import tune_space
+    from raybooth.tune.sweep import search_algorithm
+
+    space = {"train.learning_rate": {"loguniform": [1e-5, 1e-3]}, "train.lora_rank": {"choice": [4, 8, 16]}}
+    loaded = load_sweep(_sweep(tmp_path, "tpe", space, search={"algorithm": "optuna", "num_samples": 6, "seed": 3}))
+
+    def suggestions() -> list[dict]:
+        alg = search_algorithm(loaded)
+        assert alg.set_search_properties(OBJECTIVE_KEY, "min", tune_space(loaded.dims))
+        out = []
+        for i in range(6):
+            config = alg.suggest(f"t{i}")
+            assert config is not None
+            out.append(config)
+            # A finished trial's objective is what TPE learns from.
+            alg.on_trial_complete(f"t{i}", {OBJECTIVE_KEY: config["train.learning_rate"] * 1e3, "training_iteration": 1})
+        return out
+
+    first = suggestions()
+    assert all(1e-5 <= c["train.learning_rate"] <= 1e-3 and c["train.lora_rank"] in (4, 8, 16) for c in first)
+    assert len({c["train.learning_rate"] for c in first}) == 6
+    assert suggestions() == first  # seeded
+
+    with pytest.raises(ConfigError, match="space.train.learning_rate.*grid"):
+        load_sweep(_sweep(tmp_path, "tpe-grid", {"train.learning_rate": {"grid": [1e-4, 2e-4]}},
+                          search={"algorithm": "optuna", "num_samples": 2}))
+
+
 @pytest.mark.timeout(30)
 def test_shipped_sweep_configs_load():
     repo = Path(__file__).resolve().parents[1]

@@ -41,9 +41,11 @@ OBJECTIVE_KEY = "objective"  # the metric name Tune and ASHA see
 
 
 class SearchSection(Section):
-    algorithm: Literal["random", "grid"] = Field(
+    algorithm: Literal["random", "grid", "optuna"] = Field(
         default="random", description="random: sample num_samples points (grid keys multiply them); "
-        "grid: every combination once (choice keys become grid keys)")
+        "grid: every combination once (choice keys become grid keys); optuna: Optuna's TPE through "
+        "Ray Tune, each new trial's values chosen from the objectives of the trials before it "
+        "(num_samples trials; no grid keys)")
     num_samples: int = Field(default=4, ge=1)
     seed: int | None = Field(default=0, description="None: a different draw every sweep")
 
@@ -219,6 +221,12 @@ def check_sweep(config: SweepConfig, source: str, overrides: list[str] | None = 
                               f"{', '.join(loose)} is a continuous distribution (use grid or choice, "
                               "or search.algorithm random)", field=f"space.{loose[0]}")
         dims = [Dimension(d.key, "grid", d.args) for d in dims]
+    if config.search.algorithm == "optuna":
+        fixed = [d.key for d in dims if d.kind == "grid"]
+        if fixed:
+            raise ConfigError(f"{source}: search.algorithm optuna chooses every value itself; space.{fixed[0]} is a "
+                              "grid (use choice for a list of values, or search.algorithm grid/random)",
+                              field=f"space.{fixed[0]}")
     objective = Objective.parse(config.objective)
     evaluated = [m for m in objective.metrics if m.startswith("eval/")]
     ev = base.evaluation

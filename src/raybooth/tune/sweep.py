@@ -310,6 +310,20 @@ def _records(loaded: LoadedSweep, sweep_dir: Path, grid) -> list[TrialRecord]:
     return sorted(out, key=lambda t: t.trial_id)
 
 
+def search_algorithm(loaded: LoadedSweep):
+    """Ray Tune's search algorithm for `search:`, limited to max_concurrent_trials at a time.
+    random/grid: the variant generator (grid keys expand, the rest sampled with the seed);
+    optuna: Optuna's TPE sampler (seeded), which picks each trial's values from the results so far."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    search, limit = loaded.config.search, loaded.config.max_concurrent_trials
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=search.seed), max_concurrent=limit)
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=limit)
+
+
 def _error_line(error: BaseException) -> str:
     """Why a trial errored, in one line: the user error behind it (e.g. training diverged), else
     the last line of Ray's report (the exception itself; the first line is only the actor)."""
@@ -447,7 +461,6 @@ def run_sweep(loaded: LoadedSweep, *, resume: bool = False, num_cpus: int | None
     trainable = _trainable(ctx, loaded)
 
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     callbacks = [progress_callback(sweep_dir, loaded.objective.mode)]
     try:
@@ -464,9 +477,7 @@ def run_sweep(loaded: LoadedSweep, *, resume: bool = False, num_cpus: int | None
                 tune_config=tune.TuneConfig(
                     metric=OBJECTIVE_KEY, mode=loaded.objective.mode,
                     scheduler=_scheduler(loaded),
-                    search_alg=BasicVariantGenerator(random_state=search.seed,
-                                                     max_concurrent=loaded.config.max_concurrent_trials),
-                    # (max_concurrent_trials is the generator's: TuneConfig's is for a Searcher)
+                    search_alg=search_algorithm(loaded),
                     num_samples=1 if search.algorithm == "grid" else search.num_samples,
                     reuse_actors=False,
                 ),
