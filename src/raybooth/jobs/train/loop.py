@@ -218,6 +218,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ]
             if log is not None:
                 log.write(records)
+            if tracker is not None:
+                for r in records:
+                    tracker.log_metrics({k: float(r[k]) for k in METRIC_NAMES}, step=r["step"])
             diverged = first_non_finite(records)
             if diverged is not None:
                 # Every rank sees the same reduced losses, so all stop here together. Stopping
@@ -228,9 +231,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 if tracker is not None:
                     tracker.flush()
                 return
-            if tracker is not None:
-                for r in records:
-                    tracker.log_metrics({k: float(r[k]) for k in METRIC_NAMES}, step=r["step"])
             if rank == 0 and validation_due:
                 run_validation(config, models, accelerator, run_dir, step, device, weight_dtype, tracker)
             if evaluator is not None and step % evaluator.every == 0:
