@@ -98,3 +98,25 @@ def test_flatten_and_with_overrides_for_sweeps():
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")))
 def test_shipped_train_configs_validate(path):
     load_config(path)
+
+
+def test_relative_paths_are_made_absolute_for_processes_that_run_elsewhere(tmp_path):
+    """A Tune trial runs in its own folder: the sweep hands it the base config with the relative
+    local paths made absolute where they were written; URIs, Hub ids and built-in names stay."""
+    from raybooth.platform.config import TrainConfig, with_absolute_paths, with_overrides
+
+    (tmp_path / "my-model").mkdir()
+    config = with_overrides(TrainConfig(), {
+        "model": "my-model", "subject.instance_data_dir": "examples/toy-subject",
+        "priors.class_data_dir": "s3://bucket/classes", "run.storage_path": "runs",
+        "run.resume_from": "latest",
+        "evaluation": {"dino_encoder": "facebook/dino-vits16", "clip_encoder": "tiny-clip"}})
+    out = with_absolute_paths(config, tmp_path)
+    assert out.model == str(tmp_path / "my-model")
+    assert out.subject.instance_data_dir == str(tmp_path / "examples" / "toy-subject")
+    assert out.run.storage_path == str(tmp_path / "runs")
+    assert out.priors.class_data_dir == "s3://bucket/classes"
+    assert out.run.resume_from == "latest"
+    assert out.evaluation.dino_encoder == "facebook/dino-vits16" and out.evaluation.clip_encoder == "tiny-clip"
+    assert with_absolute_paths(with_overrides(config, {"model": "toy"}), tmp_path).model == "toy"
+    assert with_absolute_paths(out, tmp_path / "elsewhere") == out  # already absolute: unchanged

@@ -38,16 +38,22 @@ KILLED_LR = 3e-4  # the best of the grid (ASHA keeps it), whose Ray Train worker
 
 
 def _base(tmp: Path) -> Path:
-    """A tiny-model training config of a few seconds a step: 3 checkpoint reports per trial."""
+    """A tiny-model training config of a few seconds a step: 3 checkpoint reports per trial. Its
+    paths are relative, as in the shipped configs (the sweeps run with `tmp` as the working
+    directory), so trials that run in their own folders must still find them."""
+    import shutil
+
+    if not (tmp / "subject").is_dir():
+        shutil.copytree(DEMO_SUBJECT, tmp / "subject")
     path = tmp / "train.yaml"
     path.write_text(yaml.safe_dump({
         "model": "tiny",
-        "subject": {"instance_data_dir": str(DEMO_SUBJECT)},
+        "subject": {"instance_data_dir": "subject"},
         "priors": {"enabled": False},
         "train": {"resolution": 32, "batch_size": 1, "max_steps": 6, "checkpoint_every": 2,
                   "keep_checkpoints": 1, "log_every": 1, "validation_prompts": [],
                   "train_text_encoder": False},
-        "run": {"storage_path": str(tmp / "runs"), "max_failures": 1},
+        "run": {"storage_path": "runs", "max_failures": 1},
         "tracking": {"enabled": True, "experiment": "tune-test", "register_as": "tune-test-subject"},
     }))
     return path
@@ -207,7 +213,8 @@ class TrialWorkerKiller:
 
 
 @pytest.mark.timeout(900)
-def test_sweep_asha_mlflow_registry(tmp_path, no_ray):
+def test_sweep_asha_mlflow_registry(tmp_path, no_ray, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     grid = [1e-4, 2e-4, KILLED_LR, DIVERGING_LR, NAN_LR]  # in this order: 2 at a time
     loaded = load_sweep(_sweep(tmp_path, "lr", {"train.learning_rate": {"grid": grid}}))
     t0 = time.perf_counter()
@@ -283,7 +290,7 @@ def test_resume_after_driver_killed(tmp_path, no_ray, raybooth_home):
     cmd = [sys.executable, "-m", "raybooth.cli", "tune", "--config", str(config), "--num-cpus", "3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "first.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
     try:
         # Kill once the first trial has finished and the second has started.
         deadline = time.monotonic() + 300
@@ -304,7 +311,7 @@ def test_resume_after_driver_killed(tmp_path, no_ray, raybooth_home):
     parent_before = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
     assert not (sweep_dir / "sweep.json").exists()
 
-    out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=360)
+    out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=360, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     path = Path(out.stdout.strip().splitlines()[-1])
     result = SweepResult.read(path)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from raybooth.jobs.train.driver import SUMMARY_FILE
+from raybooth.platform.config import with_absolute_paths
 from raybooth.platform.errors import ConfigError, UserError, find_user_error
 from raybooth.platform.paths import write_json_atomic
 from raybooth.tune.config import OBJECTIVE_KEY, LoadedSweep
@@ -256,8 +257,10 @@ def _trainable(ctx: SweepContext, loaded: LoadedSweep):
 
 
 def _context(loaded: LoadedSweep, sweep_dir: Path, parent_run_id: str | None) -> SweepContext:
+    # Trials run in their own folders (Ray Tune changes a trial's working directory), so the
+    # base config's relative paths are made absolute here, where they were written.
     return SweepContext(
-        base=loaded.base.model_dump(mode="json"), sweep_dir=str(sweep_dir),
+        base=with_absolute_paths(loaded.base).model_dump(mode="json"), sweep_dir=str(sweep_dir),
         sweep_name=loaded.config.sweep.name, objective=loaded.objective,
         scaling=loaded.config.scaling.model_dump(), parent_run_id=parent_run_id,
         register_as=loaded.register_as,
