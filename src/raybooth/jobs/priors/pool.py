@@ -82,8 +82,10 @@ class ActorPool:
     # ------------------------------------------------------------------ actors
 
     def _start(self) -> Any:
+        # "DEFAULT" scheduling: a pool started inside a placement group (a Ray Tune trial's, which
+        # holds a token CPU) would otherwise be captured by it and never fit.
         return self._remote.options(
-            num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus
+            num_cpus=self.plan.num_cpus, num_gpus=self.plan.num_gpus, scheduling_strategy="DEFAULT"
         ).remote(*self.args)
 
     def _replace(self, slot: _Slot, cause: BaseException) -> None:
