@@ -213,7 +213,7 @@ class TrialWorkerKiller:
 
 
 @pytest.mark.timeout(900)
-def test_sweep_asha_mlflow_registry(tmp_path, no_ray, monkeypatch):
+def test_sweep_asha_mlflow_registry(tmp_path, no_ray, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     grid = [1e-4, 2e-4, KILLED_LR, DIVERGING_LR, NAN_LR]  # in this order: 2 at a time
     loaded = load_sweep(_sweep(tmp_path, "lr", {"train.learning_rate": {"grid": grid}}))
@@ -240,6 +240,9 @@ def test_sweep_asha_mlflow_registry(tmp_path, no_ray, monkeypatch):
     nan = by_lr[NAN_LR]
     assert nan.status == ERRORED and nan.iterations == 0
     assert nan.error.startswith("training diverged: the loss was nan"), nan.error
+    out = capsys.readouterr()
+    assert f"trial {nan.trial_id} errored: training diverged: the loss was nan" in out.out
+    assert "Trial task failed" not in out.err  # no traceback for a user error: the line says why
 
     # The killed worker: Ray Train restarted it inside the same trial, from the checkpoint.
     assert killer.killed, "no worker was killed"
@@ -284,8 +287,13 @@ def _starts(run_dir: Path) -> int:
 
 @pytest.mark.timeout(900)
 def test_resume_after_driver_killed(tmp_path, no_ray, raybooth_home):
+    # With an end-of-training evaluation: its actor pool starts inside the trial (whose placement
+    # group holds only a token CPU) and must be placed outside it.
+    evaluation = {"prompts": ["a sks robot toy on the beach"], "images_per_prompt": 1, "num_actors": 1,
+                  "dino_encoder": "tiny-dino", "clip_encoder": "tiny-clip", "steps": 2, "resolution": 32,
+                  "bootstrap_samples": 100}
     config = _sweep(tmp_path, "resume", {"train.learning_rate": {"grid": [1e-4, 2e-4]}},
-                    max_concurrent_trials=1, scheduler={"type": "none"})
+                    max_concurrent_trials=1, scheduler={"type": "none"}, set={"evaluation": evaluation})
     sweep_dir = tmp_path / "runs" / "sweeps" / "resume"
     cmd = [sys.executable, "-m", "raybooth.cli", "tune", "--config", str(config), "--num-cpus", "3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -317,6 +325,8 @@ def test_resume_after_driver_killed(tmp_path, no_ray, raybooth_home):
     result = SweepResult.read(path)
     assert result.resumed and result.parent_run_id == parent_before
     assert [t.status for t in result.trials] == [FINISHED, FINISHED]
+    for t in result.trials:
+        assert (t.run_dir / "evaluation" / "evaluation.json").is_file()
     for name in finished_first:
         assert _starts(sweep_dir / "trials" / name) == first[name] == 1  # not run again
     from mlflow import MlflowClient

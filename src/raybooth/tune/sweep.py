@@ -223,12 +223,28 @@ class Progress:
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         self.errored += 1
-        self._line(f"trial {trial.trial_id} errored")
+        try:
+            error = trial.get_pickled_error() or trial.get_error()
+        except Exception:  # the error file is Ray's business; the line still says "errored"
+            error = None
+        self._line(f"trial {trial.trial_id} errored" + (f": {_error_line(error)}" if error else ""))
+
+
+class _UserErrorTracebacks(logging.Filter):
+    """Ray Tune logs every failed trial with its traceback. A trial that failed on a user error
+    (training diverged, a bad input) is explained in one line by Progress instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or find_user_error(exc) is None
 
 
 def progress_callback(sweep_dir: Path, mode: str):
     from ray.tune import Callback
 
+    tune_log = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _UserErrorTracebacks) for f in tune_log.filters):
+        tune_log.addFilter(_UserErrorTracebacks())
     return type("SweepProgress", (Progress, Callback), {})(sweep_dir, mode)
 
 
