@@ -241,7 +241,8 @@ def test_sweep_asha_mlflow_registry(tmp_path, no_ray, monkeypatch, capsys):
     assert nan.status == ERRORED and nan.iterations == 0
     assert nan.error.startswith("training diverged: the loss was nan"), nan.error
     out = capsys.readouterr()
-    assert f"trial {nan.trial_id} errored: training diverged: the loss was nan" in out.out
+    assert f"trial {nan.trial_id} errored: training diverged: the loss was nan" in out.out, [
+        line for line in out.out.splitlines() if f"{nan.trial_id} errored" in line]
     assert "Trial task failed" not in out.err  # no traceback for a user error: the line says why
 
     # The killed worker: Ray Train restarted it inside the same trial, from the checkpoint.

@@ -29,7 +29,7 @@ from raybooth.platform.config import with_absolute_paths
 from raybooth.platform.errors import ConfigError, UserError, find_user_error
 from raybooth.platform.paths import write_json_atomic
 from raybooth.tune.config import OBJECTIVE_KEY, LoadedSweep
-from raybooth.tune.trial import TRIALS_DIR, SweepContext, run_trial, trial_config
+from raybooth.tune.trial import TRIALS_DIR, SweepContext, error_line, read_trial_error, run_trial, trial_config
 
 log = logging.getLogger("raybooth.tune")
 
@@ -223,11 +223,8 @@ class Progress:
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         self.errored += 1
-        try:
-            error = trial.get_pickled_error() or trial.get_error()
-        except Exception:  # the error file is Ray's business; the line still says "errored"
-            error = None
-        self._line(f"trial {trial.trial_id} errored" + (f": {_error_line(error)}" if error else ""))
+        why = read_trial_error(self.sweep_dir / TRIALS_DIR / trial.trial_id)
+        self._line(f"trial {trial.trial_id} errored" + (f": {why}" if why else ""))
 
 
 class _UserErrorTracebacks(logging.Filter):
@@ -324,7 +321,7 @@ def _records(loaded: LoadedSweep, sweep_dir: Path, grid) -> list[TrialRecord]:
             iterations=int(metrics.get("training_iteration") or 0),
             final_objective=values[-1] if values else None, best_objective=best,
             mlflow_run_id=record.run_id if record else None, run_dir=run_dir,
-            error=None if result.error is None else _error_line(result.error),
+            error=None if result.error is None else error_line(result.error),
         ))
     return sorted(out, key=lambda t: t.trial_id)
 
@@ -341,16 +338,6 @@ def search_algorithm(loaded: LoadedSweep):
 
         return ConcurrencyLimiter(OptunaSearch(seed=search.seed), max_concurrent=limit)
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=limit)
-
-
-def _error_line(error: BaseException) -> str:
-    """Why a trial errored, in one line: the user error behind it (e.g. training diverged), else
-    the last line of Ray's report (the exception itself; the first line is only the actor)."""
-    found = find_user_error(error)
-    if found is not None:
-        return found.message[:500]
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 def _pick_best(loaded: LoadedSweep, trials: list[TrialRecord]) -> TrialRecord | None:

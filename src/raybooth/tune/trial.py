@@ -13,6 +13,7 @@ checkpoint; a fresh one starts at step 0.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raybooth.jobs.train.driver import SUMMARY_FILE
 from raybooth.platform.config import TrainConfig, with_overrides
+from raybooth.platform.errors import find_user_error
+from raybooth.platform.paths import write_json_atomic
 from raybooth.tune.config import OBJECTIVE_KEY, Objective
 
 TRIALS_DIR = "trials"
 STARTS_FILE = "trial_starts.jsonl"  # one line per start of the trial function (restarts show)
+ERROR_FILE = "trial_error.json"  # why the trial function failed, in one line (the driver prints it)
 
 
 @dataclass(frozen=True)
@@ -105,4 +109,31 @@ def run_trial(sampled: dict[str, Any], ctx: SweepContext) -> None:
     with open(run_dir / STARTS_FILE, "a") as f:
         f.write(json.dumps({"time": time.time(), "config": sampled}) + "\n")
     ensure_child_run(config, run_dir, parent_run_id=ctx.parent_run_id, sweep=ctx.sweep_name, trial_id=trial_id)
-    run_training(config, progress=False, callbacks=[ObjectiveReportCallback(ctx.objective)])
+    try:
+        run_training(config, progress=False, callbacks=[ObjectiveReportCallback(ctx.objective)])
+    except Exception as exc:
+        write_json_atomic(run_dir / ERROR_FILE, {"error": error_line(exc), "time": time.time()})
+        raise
+
+
+def read_trial_error(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / ERROR_FILE).read_text())["error"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def error_line(error: BaseException) -> str:
+    """Why a trial errored, in one line: the user error behind it (e.g. training diverged), else
+    the last line of Ray's report (the exception itself; the first line is only the actor)."""
+    found = find_user_error(error)
+    if found is not None:
+        return found.message[:500]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not any(line.startswith("File ") for line in lines):  # raised here, not a Ray report
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+    last = lines[-1]
+    # Only the text of a traceback left (Ray could not unpickle the error): a raybooth user
+    # error's line is "raybooth.<module>.<Class>: message"; its message is the explanation.
+    m = re.match(r"raybooth(?:\.\w+)+: (.+)", last)
+    return (m.group(1) if m else last)[:500]
