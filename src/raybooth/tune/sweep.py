@@ -353,7 +353,7 @@ def _pick_best(loaded: LoadedSweep, trials: list[TrialRecord]) -> TrialRecord | 
 
 def plot_objective(result_trials: list[TrialRecord], keys: list[str], objective: str, path: Path) -> Path | None:
     """Objective (final, per trial) against each swept key, one panel per key; stopped trials
-    hollow, so a reader sees what the scheduler cut."""
+    hollow, so a reader sees what the scheduler cut; errored ones as crosses on the bottom edge."""
     points = [t for t in result_trials if t.final_objective is not None and abs(t.final_objective) < 1e29]
     if not points or not keys:
         return None
@@ -370,9 +370,15 @@ def plot_objective(result_trials: list[TrialRecord], keys: list[str], objective:
             if xs:
                 xs = [float(x) if isinstance(x, (int, float)) else str(x) for x in xs]
                 ax.scatter(xs, ys, label=status, **style)
-        values = [t.config.get(key) for t in points]
+        # Errored trials have no objective: marked on the bottom edge, so the x they failed at shows.
+        failed = [float(x) if isinstance(x, (int, float)) else str(x)
+                  for x in (t.config.get(key) for t in result_trials if t.status == ERRORED)]
+        if failed:
+            low = min(t.final_objective for t in points)
+            ax.scatter(failed, [low] * len(failed), marker="x", c="tab:gray", label="errored (no objective)")
+        values = [t.config.get(key) for t in result_trials if t.status in (FINISHED, STOPPED, ERRORED)]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values) and \
-                max(values) / max(min(values), 1e-300) > 50:
+                max(values) / max(min(values), 1e-300) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(objective)
