@@ -103,7 +103,8 @@ def test_shipped_train_configs_validate(path):
 def test_relative_paths_are_made_absolute_for_processes_that_run_elsewhere(tmp_path):
     """A Tune trial runs in its own folder: the sweep hands it the base config with the relative
     local paths made absolute where they were written; URIs, Hub ids and built-in names stay."""
-    from raybooth.platform.config import TrainConfig, with_absolute_paths, with_overrides
+    from raybooth.jobs.train.inputs import with_absolute_paths
+    from raybooth.platform.config import TrainConfig, with_overrides
 
     (tmp_path / "my-model").mkdir()
     config = with_overrides(TrainConfig(), {
@@ -118,5 +119,6 @@ def test_relative_paths_are_made_absolute_for_processes_that_run_elsewhere(tmp_p
     assert out.priors.class_data_dir == "s3://bucket/classes"
     assert out.run.resume_from == "latest"
     assert out.evaluation.dino_encoder == "facebook/dino-vits16" and out.evaluation.clip_encoder == "tiny-clip"
+    (tmp_path / "toy").mkdir()  # a folder named like a built-in model: the built-in wins, as in resolve_model
     assert with_absolute_paths(with_overrides(config, {"model": "toy"}), tmp_path).model == "toy"
     assert with_absolute_paths(out, tmp_path / "elsewhere") == out  # already absolute: unchanged

@@ -231,39 +231,6 @@ class TrainConfig(Section):
 S = TypeVar("S", bound=BaseModel)
 
 
-def _local_relative(value: str | None) -> bool:
-    return bool(value) and "://" not in value and not Path(value).expanduser().is_absolute()
-
-
-def with_absolute_paths(config: TrainConfig, cwd: Path | None = None) -> TrainConfig:
-    """The config with its relative local paths made absolute against `cwd` (the driver's
-    working directory), for processes that run elsewhere: a Ray Tune trial runs in its own trial
-    folder, where `examples/toy-subject` means nothing. Storage URIs (s3://...), Hub ids and the
-    built-in model names stay as they are; `model` and the encoders only when such a folder exists."""
-    base = (cwd or Path.cwd()).resolve()
-    changes: dict[str, Any] = {}
-
-    def absolute(value: str) -> str:
-        return str((base / Path(value).expanduser()).resolve())
-
-    for key, value in (("subject.instance_data_dir", config.subject.instance_data_dir),
-                       ("priors.class_data_dir", config.priors.class_data_dir),
-                       ("run.storage_path", config.run.storage_path),
-                       ("model_options.cache_dir", config.model_options.cache_dir)):
-        if _local_relative(value):
-            changes[key] = absolute(value)
-    if config.run.resume_from not in (None, "latest") and _local_relative(config.run.resume_from):
-        changes["run.resume_from"] = absolute(config.run.resume_from)
-    folders = [("model", config.model)]
-    if config.evaluation is not None:
-        folders += [("evaluation.dino_encoder", config.evaluation.dino_encoder),
-                    ("evaluation.clip_encoder", config.evaluation.clip_encoder)]
-    for key, value in folders:
-        if _local_relative(value) and (base / value).is_dir():
-            changes[key] = absolute(value)
-    return with_overrides(config, changes) if changes else config
-
-
 def _unwrap(annotation: Any) -> list[Any]:
     """The member types of an annotation (`int | None` -> [int, NoneType])."""
     origin = typing.get_origin(annotation)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from raybooth.jobs.train.driver import SUMMARY_FILE
-from raybooth.platform.config import with_absolute_paths
+from raybooth.jobs.train.inputs import with_absolute_paths
 from raybooth.platform.errors import ConfigError, UserError, find_user_error
 from raybooth.platform.paths import write_json_atomic
 from raybooth.tune.config import OBJECTIVE_KEY, LoadedSweep

@@ -13,12 +13,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from raybooth.jobs.train.checkpoints import checkpoint_problem, find_checkpoints, latest_resumable, read_state
-from raybooth.platform.config import TrainConfig
+from raybooth.platform.config import TrainConfig, with_overrides
+from raybooth.platform.encoders_tiny import TINY_ENCODER_NAMES
 from raybooth.platform.errors import ConfigError, ImageError
 from raybooth.platform.images import list_images, open_image
+from raybooth.platform.mlflow.refs import MODELS_PREFIX
 from raybooth.platform.models import ResolvedModel, resolve_model
+from raybooth.platform.tiny import TINY_NAMES
+from raybooth.platform.toy.models import TOY_NAMES
 
 
 log = logging.getLogger("raybooth.train")
@@ -30,6 +35,43 @@ class TrainInputs:
     run_dir: Path
     instance_images: list[Path]
     resolved: ResolvedModel
+
+
+def _local_relative(value: str | None) -> bool:
+    return bool(value) and "://" not in value and not Path(value).expanduser().is_absolute()
+
+
+def with_absolute_paths(config: TrainConfig, cwd: Path | None = None) -> TrainConfig:
+    """The config with its relative local paths made absolute against `cwd` (the driver's
+    working directory), for processes that run elsewhere: a Ray Tune trial runs in its own trial
+    folder, where `examples/toy-subject` means nothing. Storage URIs (s3://...), Hub ids and the
+    built-in model names stay as they are; `model` and the encoders only when such a folder exists
+    (a built-in name or a registry reference wins over a folder of that name, as in resolve_model)."""
+    base = (cwd or Path.cwd()).resolve()
+    changes: dict[str, Any] = {}
+
+    def absolute(value: str) -> str:
+        return str((base / Path(value).expanduser()).resolve())
+
+    for key, value in (("subject.instance_data_dir", config.subject.instance_data_dir),
+                       ("priors.class_data_dir", config.priors.class_data_dir),
+                       ("run.storage_path", config.run.storage_path),
+                       ("model_options.cache_dir", config.model_options.cache_dir)):
+        if _local_relative(value):
+            changes[key] = absolute(value)
+    if config.run.resume_from not in (None, "latest") and _local_relative(config.run.resume_from):
+        changes["run.resume_from"] = absolute(config.run.resume_from)
+    folders = [("model", config.model)]
+    if config.evaluation is not None:
+        folders += [("evaluation.dino_encoder", config.evaluation.dino_encoder),
+                    ("evaluation.clip_encoder", config.evaluation.clip_encoder)]
+    builtin = {*TINY_NAMES, *TOY_NAMES, *TINY_ENCODER_NAMES}
+    for key, value in folders:
+        if value in builtin or value.startswith(MODELS_PREFIX):
+            continue
+        if _local_relative(value) and (base / value).is_dir():
+            changes[key] = absolute(value)
+    return with_overrides(config, changes) if changes else config
 
 
 def run_directory(config: TrainConfig) -> tuple[Path, Path]:

@@ -62,7 +62,7 @@ def shape_mask(shape: str, size: float, resolution: int = RESOLUTION, supersampl
     elif shape == "square":
         inside = (np.abs(x - c) <= half) & (np.abs(y - c) <= half)
     else:  # isosceles triangle pointing up, bounding box centred
-        top, bottom = c - half, c + half
+        top = c - half  # the base is at c + half
         t = (y - top) / (2 * half)  # 0 at the apex, 1 at the base
         inside = (t >= 0) & (t <= 1) & (np.abs(x - c) <= t * half)
     counts = inside.reshape(resolution, supersample, resolution, supersample).sum(axis=(1, 3))
