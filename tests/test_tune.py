@@ -181,8 +181,11 @@ class TrialWorkerKiller:
 
     def _trial_dir(self) -> Path | None:
         for starts in self.trials.glob(f"*/{STARTS_FILE}"):
-            lines = starts.read_text().splitlines()
-            if lines and json.loads(lines[0])["config"]["train.learning_rate"] == self.lr:
+            try:
+                first = json.loads(starts.read_text().splitlines()[0])
+            except (IndexError, ValueError, OSError):  # not written yet, or caught mid-write
+                continue
+            if first["config"]["train.learning_rate"] == self.lr:
                 return starts.parent
         return None
 
@@ -197,7 +200,10 @@ class TrialWorkerKiller:
             if run_dir is not None and registered_checkpoint(run_dir):
                 steps = step_metrics(run_dir)
                 if steps and 3 <= max(steps) < 6:  # past a checkpoint, before the last step
-                    info = json.loads((run_dir / "workers" / "rank-0.json").read_text())
+                    try:
+                        info = json.loads((run_dir / "workers" / "rank-0.json").read_text())
+                    except (ValueError, OSError):
+                        continue
                     self.killed.update(info, at_step=max(steps), run_dir=run_dir)
                     os.kill(info["pid"], signal.SIGKILL)
                     return
