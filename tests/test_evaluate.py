@@ -336,7 +336,7 @@ def test_quick_mode_needs_the_class_noun_and_an_oversized_pool_is_an_error(tmp_p
 
 def test_toy_judge_scores_read_the_subject_and_the_prompt():
     from raybooth.jobs.evaluate.actor import encode_png
-    from raybooth.jobs.evaluate.toy_scores import requested, score_images
+    from raybooth.jobs.evaluate.toy_scores import decode_rgb, requested, score_images
     from raybooth.platform.toy.subject import SUBJECT, render_subject
     from raybooth.platform.toy.world import Scene, render
 
@@ -349,7 +349,7 @@ def test_toy_judge_scores_read_the_subject_and_the_prompt():
     ]
     prompts = ["a sks circle on a green background", "a sks circle on a green background",
                "a yellow square on a white background"]
-    subject, prompt, readings = score_images(images, prompts, [p.replace("sks ", "") for p in prompts], "sks")
+    subject, prompt, readings = score_images(decode_rgb(images), prompts, [p.replace("sks ", "") for p in prompts], "sks")
     assert subject[0] > 0.9 and subject[1] > 0.9 and subject[2] == 0.0
     assert prompt.tolist() == [1.0, 0.0, 1.0]
     assert readings[2]["colour"] == "yellow" and readings[2]["shape"] == "square"

@@ -136,7 +136,10 @@ def test_optuna_search_suggests_seeded_values_inside_the_space_and_refuses_grids
     loaded = load_sweep(_sweep(tmp_path, "tpe", space, search={"algorithm": "optuna", "num_samples": 6, "seed": 3}))
 
     def suggestions() -> list[dict]:
+        from ray.tune.search.optuna import OptunaSearch
+
         alg = search_algorithm(loaded)
+        assert isinstance(alg.searcher, OptunaSearch)  # what the config asked for, not random sampling
         assert alg.set_search_properties(OBJECTIVE_KEY, "min", tune_space(loaded.dims))
         out = []
         for i in range(6):

@@ -242,9 +242,12 @@ def check_sweep(config: SweepConfig, source: str, overrides: list[str] | None = 
 
 def _check_evaluated_names(source: str, metric: str, evaluated: list[str], base: TrainConfig) -> None:
     """eval/* terms must be what evaluation during training reports for this base config."""
+    from raybooth.jobs.evaluate.report import CLIP_I, CLIP_T, DINO
     from raybooth.jobs.evaluate.toy_scores import TOY_PROMPT, TOY_SUBJECT, training_is_toy_based
+    from raybooth.jobs.evaluate.training import METRIC_PREFIX
 
-    paper, toy = {"eval/dino", "eval/clip_i", "eval/clip_t"}, {f"eval/{TOY_SUBJECT}", f"eval/{TOY_PROMPT}"}
+    paper = {f"{METRIC_PREFIX}{m}" for m in (DINO, CLIP_I, CLIP_T)}
+    toy = {f"{METRIC_PREFIX}{m}" for m in (TOY_SUBJECT, TOY_PROMPT)}
     for name in evaluated:
         if name in paper:
             continue

@@ -315,10 +315,10 @@ def build_report(
 
         rows = [(inputs.prompts[i // n], generated[i].png) for i in order]
         subject, prompt, readings = T.score_images(
-            [png for _, png in rows], [p.prompt for p, _ in rows], [p.class_prompt for p, _ in rows], toy)
+            T.decode_rgb([png for _, png in rows]), [p.prompt for p, _ in rows], [p.class_prompt for p, _ in rows], toy)
         scores[T.TOY_SUBJECT], scores[T.TOY_PROMPT] = subject, prompt
         extras = [{"toy_reading": r} for r in readings]
-        baseline[T.TOY_SUBJECT] = M.bootstrap(T.real_subject_scores(inputs.real_pngs), samples=samples, seed=seed)
+        baseline[T.TOY_SUBJECT] = M.bootstrap(T.real_subject_scores(T.decode_rgb(inputs.real_pngs)), samples=samples, seed=seed)
     metrics = {}
     for name, s in scores.items():
         known = s[~np.isnan(s)]

@@ -95,9 +95,8 @@ class LiveEvaluator:
     def _toy_scores(self, images: list[Any], flat: list[Any]) -> dict[str, float]:
         """Means of the toy judge's per-image scores (raybooth.jobs.evaluate.toy_scores)."""
         from raybooth.jobs.evaluate import toy_scores as T
-        from raybooth.platform.images import png_bytes
 
-        subject, prompt, _ = T.score_images([png_bytes(im) for im in images], [p.prompt for p, _ in flat],
+        subject, prompt, _ = T.score_images(images, [p.prompt for p, _ in flat],
                                             [p.class_prompt for p, _ in flat], self.config.subject.identifier)
         out = {f"{METRIC_PREFIX}{T.TOY_SUBJECT}": float(np.mean(subject))}
         known = prompt[~np.isnan(prompt)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +36,12 @@ def is_toy_model(kind: str | None, path: str | Path | None, prompt_set: str | No
 
 def training_is_toy_based(model: str, prompt_set: str | None, custom_prompts: bool) -> bool:
     """The same question for a training config's `model` (a name or a folder) and its
-    evaluation section: does evaluation during training add the toy judge's scores?"""
+    evaluation section: do evaluations of this run (live, and of its export) add the toy judge's
+    scores? A run from a toy model is toy-based, whatever its export folder says."""
+    from raybooth.platform.toy.models import TOY_NAMES
+
     folder = Path(model).expanduser()
-    return is_toy_model("toy" if model.strip() == "toy" else None, folder if folder.is_dir() else None,
+    return is_toy_model("toy" if model.strip() in TOY_NAMES else None, folder if folder.is_dir() else None,
                         prompt_set, custom_prompts)
 
 
@@ -57,17 +61,22 @@ def requested(class_prompt: str) -> dict[str, str]:
     return out
 
 
-def score_images(pngs: list[bytes], prompts: list[str], class_prompts: list[str], identifier: str):
-    """(subject scores, prompt scores, readings) per image; prompt score NaN where the prompt asks
-    nothing the judge can read."""
+def decode_rgb(pngs: list[bytes]) -> list[Any]:
+    """PNG bytes (the evaluation job's generated and real images) as RGB PIL images."""
     from PIL import Image
 
+    return [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+
+
+def score_images(images: list[Any], prompts: list[str], class_prompts: list[str], identifier: str):
+    """(subject scores, prompt scores, readings) per RGB image; prompt score NaN where the prompt
+    asks nothing the judge can read."""
     from raybooth.platform.toy.judge import judge
     from raybooth.platform.toy.subject import subject_score
 
     subject, prompt, readings = [], [], []
-    for png, p, cp in zip(pngs, prompts, class_prompts):
-        image = Image.open(io.BytesIO(png)).convert("RGB")
+    for image, p, cp in zip(images, prompts, class_prompts):
+        image = image.convert("RGB")
         reading = judge(image)
         subject.append(subject_score(image))
         asked = requested(cp)
@@ -80,9 +89,7 @@ def score_images(pngs: list[bytes], prompts: list[str], class_prompts: list[str]
     return np.asarray(subject, dtype=np.float64), np.asarray(prompt, dtype=np.float64), readings
 
 
-def real_subject_scores(pngs: list[bytes]) -> np.ndarray:
-    from PIL import Image
-
+def real_subject_scores(images: list[Any]) -> np.ndarray:
     from raybooth.platform.toy.subject import subject_score
 
-    return np.asarray([subject_score(Image.open(io.BytesIO(b)).convert("RGB")) for b in pngs], dtype=np.float64)
+    return np.asarray([subject_score(im.convert("RGB")) for im in images], dtype=np.float64)

@@ -22,9 +22,9 @@ from typing import Any
 
 from raybooth.jobs.evaluate.job import EvaluationResult, check_inputs, run_evaluation
 from raybooth.jobs.evaluate.report import REPORT_FILE, EvaluationReport
+from raybooth.jobs.evaluate.toy_scores import training_is_toy_based
 from raybooth.platform.config import TrainConfig
 from raybooth.platform.errors import ConfigError
-from raybooth.platform.toy.models import TOY_NAMES
 
 log = logging.getLogger("raybooth.evaluate")
 
@@ -85,7 +85,8 @@ def evaluate_training(config: TrainConfig, summary: Any, tracker: Any = None, *,
         model=model, model_options=config.model_options, lora=str(lora) if lora else None,
         subject=config.subject, evaluation=config.evaluation,
         output_dir=Path(summary.run_dir) / EVAL_DIR, progress=progress,
-        toy_based=True if config.model in TOY_NAMES else None,  # the export is a toy model's child
+        toy_based=training_is_toy_based(config.model, config.evaluation.prompt_set,
+                                        config.evaluation.prompts is not None),  # the export is the run's child
     )
     report = result.report
     print("evaluation: " + ", ".join(f"{k} {v.mean:.4f}" for k, v in report.metrics.items())
