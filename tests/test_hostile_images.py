@@ -162,6 +162,7 @@ def test_raybooth_train_refuses_a_corrupt_instance_image_before_any_worker_start
     assert out.returncode == 2, err
     assert f"{case.name}{case.suffix}" in err and "Traceback" not in err, err
     assert "Started a local Ray instance" not in err, "Ray was started before the inputs were checked"
+    assert "Connected to Ray cluster" not in err, "a Ray cluster was joined before the inputs were checked"
     assert not (tmp_path / "runs").exists()
 
 
