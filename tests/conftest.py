@@ -20,6 +20,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Serve kills an HTTP proxy that is not ready after 3 checks of 5 s; on two loaded cores its
 # process can take longer than that to start (seen at load average 15-40).
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+# Ray Train's controller polls its workers every 2 s: that is when it sees a run end or a worker
+# die. The suite runs ~30 short trainings, each waiting on a poll at its end (and the recovery
+# tests on another after a kill); 0.5 s polls cut ~3 s a run (measured) and change nothing else.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME}/mlflow.db")
 
 REPO = Path(__file__).resolve().parents[1]

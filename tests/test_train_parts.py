@@ -257,6 +257,23 @@ def test_more_workers_than_the_cluster_can_place_is_an_error_not_a_hang(ray_loca
     assert not (tmp_path / "runs").exists()  # nothing was started or written
 
 
+def test_default_worker_cpus_never_add_up_to_more_than_the_machine_has(ray_local, tmp_path):
+    """The shared test Ray declares 4 logical CPUs on this machine; the default share of a
+    worker follows the cores, not the declaration (more threads than cores wait on each other)."""
+    from raybooth.jobs.train.inputs import worker_resources
+    from raybooth.platform.devices import free_cpus, machine_cores
+
+    cores, declared = machine_cores(), ray_local.available_resources()["CPU"]
+    assert free_cpus() == min(declared, cores)
+    for workers in (1, 2, 3):
+        share = worker_resources(config_for(tmp_path, **{"scaling.num_workers": workers}))["CPU"]
+        assert share == max(1, int(min(declared, cores) // workers)), (workers, share)
+        assert share * workers <= max(cores, workers)  # at least 1 each, else within the cores
+    # What is set explicitly is what a worker gets.
+    explicit = config_for(tmp_path, **{"scaling.num_workers": 2, "scaling.resources_per_worker": {"CPU": 3}})
+    assert worker_resources(explicit) == {"CPU": 3.0}
+
+
 def test_existing_checkpoints_need_an_explicit_resume(tmp_path):
     config = config_for(tmp_path, **{"run.name": "r"})
     inputs = check_inputs(config)

@@ -219,6 +219,7 @@ def run_pool(spec: EvalSpec, options: ModelOptions, evaluation: EvaluationSectio
     from tqdm.auto import tqdm
 
     from raybooth.jobs.evaluate.pool import EvalPool, plan_actors
+    from raybooth.platform.devices import free_cpus
 
     timings: dict[str, float] = {}
     plan = plan_actors(
@@ -227,7 +228,7 @@ def run_pool(spec: EvalSpec, options: ModelOptions, evaluation: EvaluationSectio
         cpus_per_actor=evaluation.cpus_per_actor,
         gpus_per_actor=evaluation.gpus_per_actor,
         total_gpus=_cluster_gpus(),
-        available_cpus=float(ray.available_resources().get("CPU", 0.0)),
+        available_cpus=free_cpus(),
     )
     check_fits(plan, ray.cluster_resources())
     total = sum(len(t.indices) for k, t in work.items() if k != REAL_BLOCK)

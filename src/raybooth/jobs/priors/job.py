@@ -194,11 +194,11 @@ def _generate(
     progress: bool,
     on_batch_written: Callable[[BatchWritten], None] | None,
 ):
-    import ray
     from tqdm.auto import tqdm
 
     from raybooth.jobs.priors.actor import plan_actors
     from raybooth.jobs.priors.pool import PriorPool
+    from raybooth.platform.devices import free_cpus
 
     priors = config.priors
     spec, store, manifest = state.spec, state.store, state.manifest
@@ -211,7 +211,7 @@ def _generate(
         cpus_per_actor=priors.cpus_per_actor,
         gpus_per_actor=priors.gpus_per_actor,
         total_gpus=gpus,
-        available_cpus=float(ray.available_resources().get("CPU", 0.0)),
+        available_cpus=free_cpus(),
     )
     total = priors.num_class_images
     log.info(

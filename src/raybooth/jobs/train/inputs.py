@@ -218,17 +218,20 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
 
 
 def cpu_share(num_workers: int) -> int:
-    """Whole CPUs per worker on a one-machine Ray: its free CPUs split evenly, at least 1.
+    """Whole CPUs per worker on a one-machine Ray: its free CPUs, at most this machine's cores,
+    split evenly, at least 1.
 
     On a cluster of several nodes Ray's own default (1 CPU) stays: a bigger share there could
     leave the workers unplaceable after a node is lost, when Ray Train restarts them on the
     nodes that are left (set scaling.resources_per_worker to size them on a cluster)."""
     import ray
 
+    from raybooth.platform.devices import free_cpus
+
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0.0) > 0]
     if len(nodes) != 1:
         return 1
-    free = ray.available_resources().get("CPU", 0.0)
+    free = free_cpus()
     return max(1, int(free // num_workers))
 
 
