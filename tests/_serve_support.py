@@ -101,12 +101,14 @@ def wait_until(predicate, timeout_s: float, poll_s: float = 0.5) -> bool:
     return False
 
 
-def stop_ray_cluster(temp_dir: str, grace_s: float = 10.0) -> int:
+def stop_ray_cluster(temp_dir: str, grace_s: float = 3.0) -> int:
     """Stop the Ray cluster that `ray start --temp-dir <temp_dir>` started, and nothing else.
 
     `ray stop` would end every Ray process of this user on the machine (other tests' clusters
     too), so instead: the processes whose command line names our temp dir (GCS, raylet,
-    dashboard, monitors) and all their descendants (workers, agents, replicas)."""
+    dashboard, monitors) and all their descendants (workers, agents, replicas). SIGTERM, then
+    SIGKILL for what is left after `grace_s`: some of Ray's processes outlive SIGTERM by 10 s and
+    more, and a test cluster has nothing to save."""
     import psutil
 
     me = psutil.Process()
