@@ -73,3 +73,17 @@ def pytest_sessionfinish(session, exitstatus):
             ray.shutdown()
     except Exception:
         pass
+
+
+# Modules that end the shared local Ray (they run clusters of their own: `ray start`,
+# ray.cluster_utils, sweeps that start Ray with its dashboard). Run last, in this order, so the
+# shared instance is started once instead of again after each of them (~5 s a start).
+OWN_CLUSTER_MODULES = ("test_serve_cli.py", "test_submit.py", "test_train_multinode.py", "test_tune.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return OWN_CLUSTER_MODULES.index(name) if name in OWN_CLUSTER_MODULES else -1
+
+    items.sort(key=rank)  # stable: the order inside each group is pytest's
