@@ -80,3 +80,66 @@ class StepWatcher:
     def __exit__(self, *exc) -> None:
         self.done.set()
         self.thread.join(timeout=self.join_s)
+
+
+TRACKED_METRICS = ("loss", "instance_loss", "prior_loss", "lr", "steps_per_second", "samples_per_second",
+                   "peak_memory_mb")
+
+
+def check_tracked_run(client, summary, config: TrainConfig) -> None:
+    """What every tracked training must leave in MLflow: one run for the whole job with every
+    config value as a param, one point per step of every metric (the same losses as the run
+    directory's own log), the validation grids as artifacts, and the registered version under
+    the `candidate` alias, which summary.json names."""
+    import pytest
+
+    from raybooth.jobs.train.handoff import TrainingSummary
+    from raybooth.platform.config import flatten
+
+    run_id = summary.mlflow_run_id
+    t = config.train
+    runs = client.search_runs(
+        [client.get_experiment_by_name(config.tracking.experiment).experiment_id],
+        filter_string=f"tags.mlflow.runName = '{config.run.name}'",
+    )
+    assert [r.info.run_id for r in runs] == [run_id]  # one run for the whole job
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert set(flatten(config)) <= set(run.data.params)
+    assert run.data.params["train.max_steps"] == str(t.max_steps)
+    for key in TRACKED_METRICS:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, t.max_steps + 1)), key  # one point per step
+    local = step_metrics(summary.run_dir)
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert history == pytest.approx({s: r["loss"] for s, r in local.items()})
+    grids = sorted({*range(t.validation_every, t.max_steps + 1, t.validation_every), t.max_steps})
+    files = sorted(a.path for a in client.list_artifacts(run_id, "validation"))
+    assert files == [f"validation/step-{s:06d}.png" for s in grids]
+    tags = run.data.tags
+    assert tags["raybooth.num_workers"] == str(config.scaling.num_workers)
+    assert tags["version.ray"] and tags["version.torch"]
+    assert tags["raybooth.subject.instance_prompt"] == config.subject.instance_prompt
+
+    # Registered, with the alias, and summary.json says so.
+    name = config.tracking.register_as
+    version = client.get_model_version_by_alias(name, "candidate")
+    assert str(version.version) == summary.registration.registered_version
+    assert version.run_id == run_id and version.tags["run_id"] == run_id
+    assert float(version.tags["metric.loss"]) == pytest.approx(local[t.max_steps]["loss"], rel=1e-4)
+    on_disk = TrainingSummary.read(summary.run_dir / "summary.json")
+    assert on_disk == summary and on_disk.mlflow_run_id == run_id
+    assert on_disk.registration.registered_model == name
+    assert on_disk.model_uri == f"models:/{name}@candidate"
+
+
+def generate_one(model: str, out: Path):
+    """`raybooth generate --model MODEL` (a folder or models:/NAME@ALIAS): the image as an array."""
+    import numpy as np
+    from PIL import Image
+
+    from raybooth.cli import main as cli
+
+    assert cli(["generate", "--model", model, "--prompt", "a photo of sks robot toy", "--seed", "5",
+                "--steps", "2", "--out", str(out)]) == 0
+    return np.asarray(Image.open(sorted(out.glob("*.png"))[0]).convert("RGB"))

@@ -3,8 +3,9 @@ images made by the priors actor pool, text encoder trained, gradient accumulatio
 weighting, offset noise, a cosine LR schedule with warm-up.
 
 One uninterrupted reference run is shared by the tests. A second run with the same seed has one
-of its Ray Train worker processes killed with SIGKILL mid-run; Ray Train restarts the workers
-from the last checkpoint, and every step's loss and the final weights must equal the reference's.
+of its Ray Train worker processes (rank 0, which also logs to MLflow) killed with SIGKILL mid-run;
+Ray Train restarts the workers from the last checkpoint, and every step's loss and the final
+weights must equal the reference's, with one complete MLflow run and a registered version.
 Then `raybooth train --set run.resume_from=latest` continues the finished reference run.
 """
 
@@ -18,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from _train_support import StepWatcher, small_config
+from _train_support import StepWatcher, check_tracked_run, generate_one, small_config
 from PIL import Image
 from safetensors.torch import load_file
 
 from raybooth.jobs.train.driver import run_training
 from raybooth.jobs.train.handoff import TrainingSummary
 from raybooth.jobs.train.metrics import read_records, step_metrics
-from raybooth.platform.config import TrainConfig
+from raybooth.platform.config import TrainConfig, with_overrides
 
 MAX_STEPS = 16
 CHECKPOINT_EVERY = 4
@@ -152,22 +153,27 @@ def test_exported_model_generates_and_inpaints(reference, tmp_path):
 
 @pytest.mark.timeout(400)
 def test_worker_killed_mid_run_resumes_exactly(reference, class_dir, tmp_path):
+    """The reference run again, with MLflow tracking on (the embedded store) and the rank-0 worker,
+    the one that holds the MLflow tracker, SIGKILLed after a checkpoint: the same losses and
+    weights as the uninterrupted run, and one complete MLflow run with a registered version."""
     ref_config, ref_summary = reference
-    config = reference_config(tmp_path, class_dir, "killed")
-    run_dir = tmp_path / "killed"
+    name = "killed"
+    config = with_overrides(reference_config(tmp_path, class_dir, name), {
+        "tracking.enabled": True, "tracking.experiment": "train-e2e", "tracking.register_as": "e2e-killed"})
+    run_dir = tmp_path / name
     killed: dict = {}
 
-    def kill_a_worker(step: int) -> None:
-        info = json.loads((run_dir / "workers" / "rank-1.json").read_text())
+    def kill_rank0(step: int) -> None:
+        info = json.loads((run_dir / "workers" / "rank-0.json").read_text())
         killed.update(info, at_step=step)
         os.kill(info["pid"], signal.SIGKILL)  # the Ray Train worker process itself
 
-    with StepWatcher(run_dir, [(CHECKPOINT_EVERY + 1, kill_a_worker)], after_checkpoint=True):
+    with StepWatcher(run_dir, [(CHECKPOINT_EVERY + 1, kill_rank0)], after_checkpoint=True):
         summary = run_training(config, progress=False)
 
     assert killed, "no worker was killed"
     assert killed["at_step"] < MAX_STEPS, "the run finished before the kill: nothing was tested"
-    restarted = json.loads((run_dir / "workers" / "rank-1.json").read_text())
+    restarted = json.loads((run_dir / "workers" / "rank-0.json").read_text())
     assert restarted["pid"] != killed["pid"]
     resumes = [r for r in read_records(run_dir) if r.get("event") == "resumed"]
     assert len(resumes) == 1
@@ -190,6 +196,23 @@ def test_worker_killed_mid_run_resumes_exactly(reference, class_dir, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-5, rtol=0, err_msg=f"{part}.{k}")
+
+    # MLflow: one complete run despite the kill, the class-image set as a tag, registered.
+    import mlflow
+    import pandas as pd
+
+    from raybooth.platform.mlflow.pyfunc import decode_png
+
+    client = mlflow.MlflowClient()  # the embedded store (conftest points MLFLOW_TRACKING_URI there)
+    check_tracked_run(client, summary, config)
+    assert client.get_run(summary.mlflow_run_id).data.tags["raybooth.class_image_set"] == summary.class_image_set
+
+    # The registered model is the exported one: same pixels through the registry and the folder.
+    via_registry = generate_one("models:/e2e-killed@candidate", tmp_path / "a")
+    assert np.array_equal(via_registry, generate_one(str(summary.model_path), tmp_path / "b"))
+    out = mlflow.pyfunc.load_model("models:/e2e-killed@candidate").predict(
+        pd.DataFrame({"prompt": ["a photo of sks robot toy"], "seed": [5], "steps": [2]}))
+    assert np.array_equal(np.asarray(decode_png(out["image"][0])), via_registry)
 
 
 @pytest.mark.timeout(300)
