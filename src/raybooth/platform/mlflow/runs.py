@@ -31,6 +31,7 @@ from raybooth.platform.mlflow.sender import Sender, first_line
 from raybooth.platform.mlflow.store import (
     client_for,
     ensure_experiment,
+    is_http,
     refused,
     resolve_tracking_uri,
     server_reachable,
@@ -139,12 +140,15 @@ class RunTracker:
         self._tmp = Path(tempfile.mkdtemp(prefix="raybooth-tracking-")) if run_id else None
         self._sender: Sender[_Item] | None = None
         if run_id:
+            http = bool(tracking_uri) and is_http(str(tracking_uri))
             self._sender = Sender(
                 self._deliver, destination=f"MLflow tracking at {tracking_uri} (run {run_id})",
                 batch_size=MAX_METRICS_PER_BATCH, refused=refused,
                 # Metric points may go in a long outage (the run directory keeps its own log);
                 # params, tags, files and the final status are few and kept.
                 droppable=lambda item: isinstance(item, _Point), describe=_describe,
+                # After an outage of a tracking server, deliver as soon as it answers again.
+                reachable=(lambda: server_reachable(str(tracking_uri), timeout_s=1.0)) if http else None,
             )
 
     # ---------------------------------------------------------------- construction

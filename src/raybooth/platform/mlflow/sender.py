@@ -3,7 +3,9 @@
 Knows nothing about MLflow: it is handed a `deliver(batch)` callable (the store) and retries it.
 
 - A store that is away (`deliver` raises) is warned about once and retried with back-off; what
-  was buffered arrives, in order, once the store answers again ("is back" is logged).
+  was buffered arrives, in order, once the store answers again ("is back" is logged). With a
+  `reachable()` probe (an HTTP store's /health), a back-off wait is cut short when the store is
+  seen coming back, so delivery resumes within a probe interval, not after up to RETRY_MAX_S.
 - A store that refuses items for good (`refused(exc)` is true: a 4xx) must not block what is
   queued behind them: the batch is retried item by item and the refused ones are dropped, warned.
 - Memory is bounded: beyond `max_buffered` items the oldest droppable ones that are not in flight
@@ -32,6 +34,7 @@ T = TypeVar("T")
 
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
+PROBE_EVERY_S = 0.5
 GIVE_UP_AFTER_CLOSE_S = 600.0
 AT_EXIT_FLUSH_S = 10.0
 
@@ -59,6 +62,7 @@ class Sender(Generic[T]):
         retry_min_s: float = RETRY_MIN_S,
         retry_max_s: float = RETRY_MAX_S,
         give_up_after_close_s: float = GIVE_UP_AFTER_CLOSE_S,
+        reachable: Callable[[], bool] | None = None,
     ):
         self.destination = destination  # for messages: "MLflow tracking at http://..."
         self._deliver_batch = deliver
@@ -70,6 +74,7 @@ class Sender(Generic[T]):
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
         self._give_up_after_close_s = give_up_after_close_s
+        self._reachable = reachable
         self._queue: list[T] = []
         self._inflight = 0  # items at the front of _queue being delivered now
         self._cond = threading.Condition()
@@ -173,7 +178,7 @@ class Sender(Generic[T]):
                 if self._gave_up():
                     return
                 # The full delay, even when new items arrive: no busy loop against a dead store.
-                time.sleep(delay)
+                self._back_off(delay)
                 delay = min(delay * 2, self._retry_max_s)
                 continue
             if self._down_since is not None:
@@ -185,6 +190,27 @@ class Sender(Generic[T]):
                 del self._queue[: len(batch)]
                 self._inflight = 0
                 self._cond.notify_all()
+
+    def _back_off(self, delay: float) -> None:
+        """Sleep `delay`; with a probe, end early once the store is seen down and then up again
+        (a store that answers the probe but fails deliveries keeps the full back-off)."""
+        if self._reachable is None:
+            time.sleep(delay)
+            return
+        deadline = time.monotonic() + delay
+        seen_down = not self._probe()  # right after the failure: is it the store that is away?
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(PROBE_EVERY_S, left))
+            if not self._probe():
+                seen_down = True
+            elif seen_down:
+                return
+
+    def _probe(self) -> bool:
+        try:
+            return bool(self._reachable())  # type: ignore[misc]
+        except Exception:
+            return False
 
     def _deliver(self, batch: list[T]) -> None:
         """deliver(batch); a refusal for good is narrowed down to the refused items, which are
