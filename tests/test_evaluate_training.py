@@ -53,39 +53,6 @@ def test_a_bad_evaluation_section_fails_before_training(tmp_path):
     assert not list((tmp_path / "bad-eval").glob("checkpoint*"))
 
 
-@pytest.mark.timeout(900)
-def test_end_of_training_evaluation_lands_on_the_same_mlflow_run(ray_local, tmp_path):
-    import mlflow
-
-    from raybooth.jobs.evaluate.report import EvaluationReport
-    from raybooth.jobs.train.driver import run_training
-
-    name = "eval-e2e"
-    summary = run_training(_config(tmp_path, name), progress=False)
-    report_path = summary.run_dir / "evaluation" / "evaluation.json"
-    report = EvaluationReport.read(report_path)
-    assert report.counts["generated"] == 4
-    assert report.model["model_kind"] == "local" and report.model["model_path"] == str(summary.model_path)
-
-    client = mlflow.MlflowClient()
-    run = client.get_run(summary.mlflow_run_id)  # the training run itself
-    assert run.info.status == "FINISHED"
-    for key in ("dino", "clip_i", "clip_t"):
-        history = client.get_metric_history(run.info.run_id, f"eval/{key}")
-        assert [(m.step, m.value) for m in history] == [(summary.steps, pytest.approx(report.metrics[key].mean))]
-        assert float(run.data.tags[f"raybooth.eval.{key}"]) == pytest.approx(report.metrics[key].mean, rel=1e-5)
-    assert "eval/real_dino" in run.data.metrics and "eval/clip_t_low" in run.data.metrics
-    files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/evaluation.json", "evaluation/grid.png", "evaluation/images.json"} <= files
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation/images.json")).read_text())
-    assert "clip_t" in table["columns"] and len(table["data"]) == 4
-
-    version = client.get_model_version(name, summary.registration.registered_version)
-    assert version.run_id == run.info.run_id
-    assert float(version.tags["eval.dino"]) == pytest.approx(report.metrics["dino"].mean, rel=1e-5)
-    assert "eval.real_clip_i" in version.tags
-
-
 class _ReportRecorder:
     """A Ray Train callback (it runs in the Train controller) that appends each report's metrics
     to a file the test reads."""
@@ -110,23 +77,56 @@ def test_evaluation_every_is_checked_against_checkpoints(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_evaluation_every_reaches_ray_train_reports(ray_local, tmp_path):
-    """What a Tune scheduler sees: eval/* in the reports of the steps that evaluate."""
+def test_live_and_end_of_training_evaluation_reach_ray_train_and_the_same_mlflow_run(ray_local, tmp_path):
+    """One tracked run with `evaluation.every: 2` (checkpoints every step, 2 steps):
+    - what a Tune scheduler sees: eval/* in the Ray Train reports of the steps that evaluate;
+    - the end-of-training evaluation judges the exported model and lands on the training's own
+      MLflow run (metrics, tags, report, grid and per-image table) and on the registered version.
+    """
+    import mlflow
+
+    from raybooth.jobs.evaluate.report import EvaluationReport
     from raybooth.jobs.train.driver import run_training
 
+    name = "eval-e2e"
     reports = tmp_path / "reports.jsonl"
-    config = _config(tmp_path, "eval-every", **{"train.checkpoint_every": 1, "evaluation.every": 2,
-                                                 "tracking.enabled": False})
+    config = _config(tmp_path, name, **{"train.checkpoint_every": 1, "evaluation.every": 2})
     summary = run_training(config, progress=False, callbacks=[_ReportRecorder(reports)])
+
     seen = [json.loads(line) for line in reports.read_text().splitlines()]
     assert [r["step"] for r in seen] == [1, 2]
     assert "eval/dino" not in seen[0]  # step 1: no evaluation yet
     assert {"eval/dino", "eval/clip_i", "eval/clip_t"} <= set(seen[1])
-    # The live model at the last step is the exported model: the same images, the same numbers.
-    from raybooth.jobs.evaluate.report import EvaluationReport
 
-    final = EvaluationReport.read(summary.run_dir / "evaluation" / "evaluation.json")
-    assert seen[1]["eval/clip_t"] == pytest.approx(final.metrics["clip_t"].mean, abs=1e-3)
+    report_path = summary.run_dir / "evaluation" / "evaluation.json"
+    report = EvaluationReport.read(report_path)
+    assert report.counts["generated"] == 4
+    assert report.model["model_kind"] == "local" and report.model["model_path"] == str(summary.model_path)
+    # The live model at the last step is the exported model: the same images, the same numbers.
+    assert seen[1]["eval/clip_t"] == pytest.approx(report.metrics["clip_t"].mean, abs=1e-3)
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(summary.mlflow_run_id)  # the training run itself
+    assert run.info.status == "FINISHED"
+    for key in ("dino", "clip_i", "clip_t"):
+        history = client.get_metric_history(run.info.run_id, f"eval/{key}")
+        # One point a step: the live evaluation logged step 2 first, so the end-of-training
+        # evaluation of the same model at the same step is not logged again (its exact numbers
+        # are the tags below, the report and the registered version's tags).
+        assert [m.step for m in history] == [summary.steps], key
+        assert history[0].value == pytest.approx(seen[1][f"eval/{key}"], rel=1e-5)
+        assert history[0].value == pytest.approx(report.metrics[key].mean, abs=1e-3)
+        assert float(run.data.tags[f"raybooth.eval.{key}"]) == pytest.approx(report.metrics[key].mean, rel=1e-5)
+    assert "eval/real_dino" in run.data.metrics and "eval/clip_t_low" in run.data.metrics
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/evaluation.json", "evaluation/grid.png", "evaluation/images.json"} <= files
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation/images.json")).read_text())
+    assert "clip_t" in table["columns"] and len(table["data"]) == 4
+
+    version = client.get_model_version(name, summary.registration.registered_version)
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["eval.dino"]) == pytest.approx(report.metrics["dino"].mean, rel=1e-5)
+    assert "eval.real_clip_i" in version.tags
 
 
 @pytest.mark.timeout(300)
