@@ -37,6 +37,9 @@ def free_ports(n: int) -> list[int]:
 
 def serve_config(args: dict[str, Any], deployments: list[dict[str, Any]], port: int,
                  name: str = "raybooth") -> dict[str, Any]:
+    # A stopping replica looks for requests in flight every 0.1 s (Serve's default: 2 s): each
+    # module's Serve shutdown then takes ~1.4 s instead of ~4.5 (measured). Still graceful.
+    deployments = [{"graceful_shutdown_wait_loop_s": 0.1, **d} for d in deployments]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
