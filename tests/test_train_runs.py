@@ -104,7 +104,8 @@ def test_reference_run_trains_both_models_with_prior_preservation(reference, tin
     workers = [json.loads(p.read_text()) for p in (run_dir / "workers").glob("rank-*.json")]
     assert len({w["pid"] for w in workers}) == 2
     # The default share: the two workers' torch threads fit the machine's cores, although the
-    # test Ray declares more CPUs than it has (oversubscribed, a step was ~10x slower).
+    # test Ray declares more CPUs than it has (oversubscribed, a step was ~12x slower:
+    # benchmarks/train/bench_cpu_share.py).
     from raybooth.platform.devices import machine_cores
 
     assert sum(w["torch_threads"] for w in workers) <= max(machine_cores(), 2), workers

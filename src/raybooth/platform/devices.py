@@ -54,8 +54,8 @@ def free_cpus() -> float:
     Ray's CPUs are logical and can be declared beyond the cores (`ray start --num-cpus 8`,
     `raybooth serve`'s 4 on 2 cores). When the cluster is this one machine, the count is capped
     at its cores: processes whose torch threads add up to more than the cores wait on each other
-    (2 training workers x 2 threads on 2 cores trained 9-13x slower than 2 x 1 thread, tiny
-    model, 30 steps).
+    (2 training workers x 2 threads on 2 cores trained ~12x slower than 2 x 1 thread:
+    benchmarks/train/bench_cpu_share.py).
     """
     import ray
 
