@@ -138,7 +138,11 @@ def _deploy_and_wait(config: dict, tmp: Path, dashboard: str, env: dict[str, str
         # RUNNING for this deploy (not the one before), twice in a row: the controller has
         # applied the new config to every replica, not merely accepted it.
         nonlocal app, streak
-        app = _applications(dashboard, env).get("raybooth") or {}
+        try:
+            app = _applications(dashboard, env).get("raybooth") or {}
+        except requests.RequestException:  # the dashboard busy for a moment: look again
+            streak = 0
+            return False
         assert app.get("status") != "DEPLOY_FAILED", app
         fresh = float(app.get("last_deployed_time_s") or 0) > before
         healthy = all(d.get("status") == "HEALTHY" for d in (app.get("deployments") or {}).values())
