@@ -60,10 +60,17 @@ def free_cpus() -> float:
     import ray
 
     free = float(ray.available_resources().get("CPU", 0.0))
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = cpu_nodes()
     if len(nodes) == 1 and nodes[0].get("NodeID") == ray.get_runtime_context().get_node_id():
         free = min(free, float(machine_cores()))
     return free
+
+
+def cpu_nodes() -> list[dict]:
+    """The alive nodes of the running Ray cluster that have CPUs (ray.nodes() entries)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0.0) > 0]
 
 
 def use_assigned_cpus(explicit: int | None = None) -> int:

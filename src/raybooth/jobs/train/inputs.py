@@ -224,15 +224,11 @@ def cpu_share(num_workers: int) -> int:
     On a cluster of several nodes Ray's own default (1 CPU) stays: a bigger share there could
     leave the workers unplaceable after a node is lost, when Ray Train restarts them on the
     nodes that are left (set scaling.resources_per_worker to size them on a cluster)."""
-    import ray
+    from raybooth.platform.devices import cpu_nodes, free_cpus
 
-    from raybooth.platform.devices import free_cpus
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0.0) > 0]
-    if len(nodes) != 1:
+    if len(cpu_nodes()) != 1:
         return 1
-    free = free_cpus()
-    return max(1, int(free // num_workers))
+    return max(1, int(free_cpus() // num_workers))
 
 
 def check_placement(config: TrainConfig, resources: dict[str, float] | None = None) -> None:
